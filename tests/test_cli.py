@@ -1,0 +1,61 @@
+"""The click CLI shell: version, doctor, chat, and one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+import spd_ext
+from spd import __version__
+from spd.cli import cli
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_help_lists_only_working_commands():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    listed = {line.split()[0] for line in result.output.split("Commands:")[1].strip().splitlines()}
+    assert listed == {"chat", "doctor"}
+
+
+def test_doctor_json_matches_the_environment():
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["spd"] == __version__
+    assert report["extension"]["loaded"] == spd_ext.has_extension()
+    assert report["packages"]["torch"].split("+")[0] in __import__("torch").__version__
+    assert set(report["models"]) == {"smollm2-135m", "qwen2.5-coder-0.5b"}
+
+
+def test_doctor_text_names_the_extension_state():
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 0
+    expected = "compiled (CPU" if spd_ext.has_extension() else "NOT loaded"
+    assert expected in result.output
+
+
+def test_bad_model_is_a_one_line_error_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "spd.cli", "chat", "-m", "no-such-model", "-p", "hi"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown model 'no-such-model'" in proc.stderr
+
+
+def test_bad_flag_value_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["chat", "-p", "hi", "--max-new-tokens", "0"])
+    assert result.exit_code == 2 and "--max-new-tokens" in result.output
+
+
+def test_chat_answers_with_the_default_model(default_model):
+    result = CliRunner().invoke(cli, ["chat", "-p", "Say hello.", "--max-new-tokens", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
