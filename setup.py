@@ -65,6 +65,28 @@ def _nvidia_include_dirs():
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
+def _cuda_link_args():
+    """Link what csrc/cuda/rsvd.cpp calls: libtorch_cuda_linalg (at::cuda::getCurrentCUDASolverDnHandle,
+    which a CUDAExtension does not link by default) and libcusolver (cusolverDnXgesvdr), preferring
+    the copy in the nvidia-* wheels that torch itself loads; rpaths so that both resolve at import
+    without LD_LIBRARY_PATH (torch loads libtorch_cuda_linalg lazily, so it may not be loaded yet)."""
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    args = [f"-L{torch_lib}", "-ltorch_cuda_linalg", f"-Wl,-rpath,{torch_lib}"]
+    candidates = []
+    for entry in sys.path:
+        for pattern in ("nvidia/cu*/lib/libcusolver.so*", "nvidia/cusolver/lib/libcusolver.so*"):
+            candidates += sorted(glob.glob(os.path.join(entry, pattern)))
+    candidates += sorted(glob.glob(os.path.join(CUDA_HOME or "", "lib64", "libcusolver.so*")))
+    candidates = [c for c in candidates if re.fullmatch(r"libcusolver\.so(\.\d+)?", os.path.basename(c))]
+    if candidates:  # the first found, e.g. nvidia/cu13/lib/libcusolver.so.12 (the wheels ship no libcusolver.so)
+        lib = candidates[0]
+        libdir = os.path.dirname(lib)
+        args += [f"-L{libdir}", f"-l:{os.path.basename(lib)}", f"-Wl,-rpath,{libdir}"]
+    else:
+        args += ["-lcusolver"]
+    return args
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
@@ -87,7 +109,7 @@ def _extension():
                       ("SPD_CUDA_VERSION", f'"{torch.version.cuda}"')]
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension("spd_ext._C", sources, define_macros=define_macros,
-                         include_dirs=_nvidia_include_dirs(),
+                         include_dirs=_nvidia_include_dirs(), extra_link_args=_cuda_link_args(),
                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]})
 
 

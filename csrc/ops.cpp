@@ -21,6 +21,12 @@
 TORCH_LIBRARY(spd, m) {
   // x[i] <- B_s (B_s^T x[i]) in place for every row i with index[i] = s >= 0; rows with -1 untouched.
   m.def("project_rows_(Tensor(a!) x, Tensor bases, Tensor index) -> ()");
+  // gram += sum over rows i with row_mask[i] of grad[i] grad[i]^T, in gram's dtype (float64/float32).
+  m.def("capture_gram_(Tensor(a!) gram, Tensor grad, Tensor row_mask) -> ()");
+  // The rows of x with row_mask set, in order: [M, d].
+  m.def("gather_rows(Tensor x, Tensor row_mask) -> Tensor");
+  // Randomized SVD of a [M, d]: top-k singular values S [k] and right singular vectors V [d, k].
+  m.def("rsvd(Tensor a, int k, int oversample=10, int niters=2, int seed=0) -> (Tensor S, Tensor V)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

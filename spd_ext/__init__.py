@@ -10,7 +10,7 @@ import re
 import torch
 
 from . import _loader
-from .ops import project_rows_
+from .ops import capture_gram_, gather_rows, project_rows_, rsvd
 
 
 def has_extension() -> bool:
@@ -36,4 +36,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["project_rows_", "build_info", "has_extension", "has_cuda_kernels"]
+__all__ = ["project_rows_", "capture_gram_", "gather_rows", "rsvd", "build_info", "has_extension", "has_cuda_kernels"]

@@ -2,15 +2,17 @@
 
 Calibrate a low-rank K/V capability subspace, generate under projection onto it, then LoRA-distill
 the unmodified model on those generations. See README.md.
+
+    import spd
+    model, tok = spd.models.load("smollm2-135m")
+    examples = spd.tasks.get_task("gsm8k").load(n=50)
+    subspace = spd.calibrate(model, tok, examples, task="gsm8k")
+    subspace.save("gsm8k.safetensors")
 """
 from ._version import __version__
 from .errors import SpdError
+from . import arch, models, tasks  # noqa: E402
+from .calibrate import calibrate  # noqa: E402  (the function; the module stays importable as spd.calibrate)
+from .subspace import Subspace  # noqa: E402
 
-__all__ = ["__version__", "SpdError", "models", "arch"]
-
-
-def __getattr__(name):  # light import: heavy modules (transformers) load on first use
-    if name in ("models", "arch"):
-        import importlib
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'spd' has no attribute {name!r}")
+__all__ = ["__version__", "SpdError", "Subspace", "arch", "calibrate", "models", "tasks"]

@@ -54,6 +54,78 @@ def chat(model, prompt, max_new_tokens, device, dtype):
     click.echo(answer(mdl, tok, prompt, max_new_tokens=max_new_tokens))
 
 
+MODEL_OPTION = click.option("--model", "-m", default="smollm2-135m", show_default=True,
+                            help="Alias, transformers folder, .gguf file or hub id.")
+DEVICE_OPTION = click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda if available]")
+DTYPE_OPTION = click.option("--dtype", default="auto", show_default=True,
+                            type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+
+
+@cli.command()
+@MODEL_OPTION
+@click.option("--task", "-t", required=True, help="Task name (spd tasks: gsm8k, svamp, mbpp, ...).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Labelled examples (JSONL). [default: the task's train split in ../shared/data]")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Subspace file to write (.safetensors).")
+@click.option("--layers", default="last_mid", show_default=True, help="last_mid | all | comma-separated indices.")
+@click.option("--rank", default="half", show_default=True, help="half | an integer | energy:<fraction>.")
+@click.option("--project", default="both", show_default=True, type=click.Choice(["both", "k", "v"]))
+@click.option("--loss", default="aligned", show_default=True, type=click.Choice(["aligned", "full"]))
+@click.option("--svd", default="auto", show_default=True, type=click.Choice(["auto", "exact", "gram", "randomized"]))
+@click.option("--n-calibration", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--dump-spans", type=click.Path(dir_okay=False), default=None,
+              help="Write the used examples' input_ids and span positions (JSONL).")
+@DEVICE_OPTION
+@DTYPE_OPTION
+def calibrate(model, task, data, out, layers, rank, project, loss, svd, n_calibration, seed, batch_size,
+              dump_spans, device, dtype):
+    """Phase 1: extract the K/V capability subspace from labelled examples."""
+    from .calibrate import calibrate as run_calibration
+    from .linalg import RankRule
+    from .models import load
+    from .tasks import get_task
+
+    task_obj = get_task(task)
+    RankRule.parse(rank)  # syntax errors before the model loads
+    examples = task_obj.load(data)
+    mdl, tok = load(model, dtype=dtype, device=device)
+    sub = run_calibration(mdl, tok, examples, task=task_obj, layers=layers, rank=rank, project=project,
+                          loss=loss, svd=svd, n_calibration=n_calibration, seed=seed,
+                          batch_size=batch_size, dump_spans=dump_spans, model_name=model)
+    sub.save(out)
+    click.echo(_subspace_table(sub))
+    click.echo(f"wrote {out} ({sub.metadata['n_examples']} examples, "
+               f"{sub.metadata['n_skipped']} skipped: span not found)")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the singular value spectra (PNG).")
+def inspect(file, plot):
+    """Show a subspace file: metadata, and per layer and K/V the rank, captured energy and spectrum."""
+    from .subspace import Subspace
+
+    sub = Subspace.load(file)
+    click.echo(sub.describe())
+    click.echo(_subspace_table(sub))
+    if plot:
+        from .report import plot_spectra
+
+        plot_spectra(sub, plot)
+        click.echo(f"wrote {plot}")
+
+
+def _subspace_table(sub) -> str:
+    lines = ["layer  kv     d  rank  energy  top singular values"]
+    for row in sub.summary():
+        energy = "   n/a" if row["energy"] is None else f"{row['energy']:6.3f}"
+        top = " ".join(f"{v:.3g}" for v in row["top_singular_values"])
+        lines.append(f"{row['layer']:>5}  {row['kind'].upper():>2}  {row['d']:>4}  {row['rank']:>4}  {energy}  {top}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     cli.main(args=argv, prog_name="spd")
 

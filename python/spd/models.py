@@ -5,6 +5,7 @@ once and the converted copy (safetensors) is cached, so later loads take about a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -193,6 +194,20 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-tensor progress bar for loads that take a second (the GGUF conversion keeps its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
          device: str | None = None):
     """Load ``(model, tokenizer)`` in eval mode.
@@ -209,8 +224,9 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
     if kind in ("alias", "gguf"):
         where = convert_gguf(Path(where))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
     except OSError as exc:
         if kind == "hub":
             raise SpdError(f"could not load {name_or_path!r} from the hub (offline, or no such model): "
