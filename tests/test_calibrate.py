@@ -249,3 +249,14 @@ def test_inspect_bad_file_is_one_line(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"junk")
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_zero_locatable_spans_is_one_line(tiny_dir, tmp_path):
+    data = tmp_path / "empty_outputs.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Do {i}.", "input": "", "output": " "}) + "\n"
+                            for i in range(3)))
+    result = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_dir), "--task", "codealpaca", "--data",
+                                      str(data), "--out", str(tmp_path / "s.safetensors"), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: no correctness span could be located in any of the 3 codealpaca examples (max_length=2048)"]

@@ -16,6 +16,7 @@ SHAPES = [  # N, d, r, S
     (33, 192, 96, 3),
     (130, 128, 17, 4),
     (5, 1024, 512, 1),
+    (600, 64, 16, 2),  # large groups: the CPU kernel's BLAS path
 ]
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
@@ -93,9 +94,10 @@ def test_float64_input_accumulates_in_float64(gen, impl, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_untouched_rows_are_bit_identical_even_when_poisoned(gen, impl, device):
+@pytest.mark.parametrize("n", [40, 300])
+def test_untouched_rows_are_bit_identical_even_when_poisoned(gen, impl, device, n):
     ext_or_skip(impl, device)
-    x64, b64, index = random_case(gen, 40, 64, 16, 3)
+    x64, b64, index = random_case(gen, n, 64, 16, 3)
     x = x64.float()
     untouched = index == -1
     x[untouched.nonzero()[::2].squeeze(1)] = float("nan")  # a kernel reading across rows would spread it
@@ -111,11 +113,12 @@ def test_untouched_rows_are_bit_identical_even_when_poisoned(gen, impl, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_strided_rows_touch_only_the_slice(gen, impl, device):
+@pytest.mark.parametrize("n", [12, 200])
+def test_strided_rows_touch_only_the_slice(gen, impl, device, n):
     """K/V slices of a fused qkv output: rows strided, columns contiguous; neighbours untouched."""
     ext_or_skip(impl, device)
-    x64, b64, index = random_case(gen, 12, 32, 8, 2)
-    fused = torch.randn(12, 3 * 32, generator=gen).to(device)
+    x64, b64, index = random_case(gen, n, 32, 8, 2)
+    fused = torch.randn(n, 3 * 32, generator=gen).to(device)
     fused[:, 32:64] = x64.float().to(device)
     before = fused.clone()
     view = fused[:, 32:64]

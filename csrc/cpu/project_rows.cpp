@@ -57,12 +57,49 @@ void dispatch_basis(at::Tensor& x, const at::Tensor& bases, const at::Tensor& in
   }
 }
 
+// Rows per GEMM chunk: bounds the temporaries to kChunkRows x d (never the size of x).
+constexpr int64_t kChunkRows = 512;
+// A subspace with at least this many rows goes through BLAS (prefill); fewer rows (decode steps)
+// take the row loop above, whose per-call cost is lower.
+constexpr int64_t kGemmMinRows = 32;
+
+// Rows of x whose index is s, projected with two GEMMs per chunk in the accumulation dtype.
+void project_group_gemm(at::Tensor& x, const at::Tensor& basis, const at::Tensor& rows) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor b = basis.to(acc);
+  for (int64_t start = 0; start < rows.numel(); start += kChunkRows) {
+    const at::Tensor idx = rows.narrow(0, start, std::min(kChunkRows, rows.numel() - start));
+    const at::Tensor chunk = x.index_select(0, idx).to(acc);
+    x.index_copy_(0, idx, at::mm(at::mm(chunk, b), b.t()).to(x.scalar_type()));
+  }
+}
+
 }  // namespace
 
 void project_rows_cpu(at::Tensor& x, const at::Tensor& bases, const at::Tensor& index) {
   check_project_rows_args(x, bases, index);
   TORCH_CHECK(x.device().is_cpu(), "spd::project_rows_: CPU kernel got a tensor on ", x.device());
   if (x.numel() == 0) return;
+  const int64_t n = x.size(0), s = bases.size(0);
+  if (n >= kGemmMinRows) {  // group rows by subspace; large groups through BLAS
+    const int64_t* idx = index.const_data_ptr<int64_t>();
+    std::vector<std::vector<int64_t>> groups(s);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(idx[i] >= -1 && idx[i] < s, "spd::project_rows_: index[", i, "] = ", idx[i],
+                  " is outside [-1, ", s, ")");
+      if (idx[i] >= 0) groups[idx[i]].push_back(i);
+    }
+    at::Tensor rest = index.clone();  // rows left for the row loop (-1 marks handled/untouched)
+    int64_t* rest_idx = rest.data_ptr<int64_t>();
+    for (int64_t g = 0; g < s; ++g) {
+      if (static_cast<int64_t>(groups[g].size()) < kGemmMinRows) continue;
+      project_group_gemm(x, bases[g], at::tensor(groups[g], index.options()));
+      for (int64_t i : groups[g]) rest_idx[i] = -1;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "project_rows_cpu",
+                                    [&] { dispatch_basis<scalar_t>(x, bases, rest); });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "project_rows_cpu",
                                   [&] { dispatch_basis<scalar_t>(x, bases, index); });
 }

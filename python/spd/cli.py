@@ -117,6 +117,211 @@ def inspect(file, plot):
         click.echo(f"wrote {plot}")
 
 
+@cli.command()
+@MODEL_OPTION
+@click.option("--task", "-t", required=True, help="Task whose training prompts to complete.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Prompts (JSONL). [default: the task's train split in ../shared/data]")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Corpus to write (JSONL); resumed if present.")
+@click.option("--subspace", type=click.Path(dir_okay=False), default=None,
+              help="Project K/V onto this subspace while generating (SPD). Without it: plain self-generation (PSR/SSD).")
+@click.option("--backend", type=click.Choice(["hook", "fused", "fold"]), default=None,
+              help="Projection backend. [default: fused when the extension is compiled, else hook]")
+@click.option("--decoding", type=click.Choice(["greedy", "sample", "ssd"]), default="greedy", show_default=True)
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (sample/ssd).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (sample/ssd).")
+@click.option("--top-k", type=int, default=None, help="Top-k truncation, 0 = off (sample/ssd).")
+@click.option("--n-prompts", type=click.IntRange(1), default=None, help="A seeded subset of the prompts. [default: all]")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None, help="[default: the task's]")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@DEVICE_OPTION
+@DTYPE_OPTION
+def generate(model, task, data, out, subspace, backend, decoding, temperature, top_p, top_k, n_prompts,
+             max_new_tokens, batch_size, seed, device, dtype):
+    """Phase 2: one completion per training prompt, optionally under K/V projection."""
+    from .generate import Decoding, generate_corpus
+    from .models import load
+    from .subspace import Subspace
+    from .tasks import get_task
+
+    task_obj = get_task(task)
+    dec = Decoding.make(decoding, temperature=temperature, top_k=top_k, top_p=top_p)
+    sub = Subspace.load(subspace) if subspace else None
+    if backend and sub is None:
+        raise SpdError("--backend needs --subspace")
+    examples = task_obj.load(data, n=n_prompts, seed=seed)
+    mdl, tok = load(model, dtype=dtype, device=device)
+    path = generate_corpus(mdl, tok, task_obj, examples, out, subspace=sub, backend=backend, decoding=dec,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, model_name=model)
+    stats = json.loads(path.with_name(path.name + ".manifest.json").read_text())["stats"]
+    click.echo(f"wrote {path}: {stats['n']} completions, mean {stats['mean_tokens']:.0f} tokens, "
+               f"{stats['hit_cap']} hit the --max-new-tokens cap")
+
+
+@cli.command()
+@MODEL_OPTION
+@click.option("--subspace", required=True, type=click.Path(dir_okay=False), help="Subspace file to fold in.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the folded checkpoint.")
+@DEVICE_OPTION
+@DTYPE_OPTION
+def export(model, subspace, out, device, dtype):
+    """Fold a subspace into the K/V weights: an ordinary checkpoint (transformers, vLLM, ...)."""
+    from pathlib import Path
+
+    from .models import load
+    from .project import export_folded
+    from .subspace import Subspace
+
+    if Path(out).exists():
+        raise SpdError(f"--out {out} already exists: choose a new folder")
+    sub = Subspace.load(subspace)
+    mdl, tok = load(model, dtype=dtype, device=device)
+    export_folded(mdl, tok, sub, out)
+    click.echo(f"wrote {out}: {model} with {len(sub.sites)} K/V projections folded in (load it with "
+               "AutoModelForCausalLM.from_pretrained)")
+
+
+@cli.command()
+@MODEL_OPTION
+@click.option("--corpus", "-c", required=True, type=click.Path(dir_okay=False), help="Corpus (JSONL) from `spd generate`.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Output folder (adapter/, train.json, checkpoints/); an interrupted run there is resumed.")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True)
+@click.option("--lora-r", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=8.0, show_default=True)
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
+@click.option("--target-modules", default=None,
+              help="Comma-separated LoRA target modules. [default: the attention q/k/v/o projections]")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Per device.")
+@click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--max-length", type=click.IntRange(2), default=1024, show_default=True,
+              help="Tokens per sequence; longer ones are cut from the right.")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimizer steps.")
+@click.option("--completion-only", is_flag=True, help="Loss on the completion tokens only (default: the whole sequence).")
+@click.option("--drop-trivial", is_flag=True, help="Drop empty or one-line completions (the SSD baseline's filter).")
+@click.option("--merge", is_flag=True, help="Also write a merged full model to OUT/merged.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--save-steps", type=click.IntRange(1), default=100, show_default=True,
+              help="Checkpoint every this many optimizer steps.")
+@DEVICE_OPTION
+@DTYPE_OPTION
+def train(model, corpus, out, epochs, lr, lora_r, lora_alpha, lora_dropout, target_modules, batch_size, grad_accum,
+          max_length, max_steps, completion_only, drop_trivial, merge, seed, gradient_checkpointing, save_steps,
+          device, dtype):
+    """Phase 3: LoRA-distill the unmodified model on a corpus (resumes an interrupted run)."""
+    from .models import load
+    from .train import is_main_process, read_corpus, train as run_training, train_device
+
+    read_corpus(corpus)  # input errors before the model loads
+    mdl, tok = load(model, dtype=dtype, device=train_device(device))
+    targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
+    result = run_training(mdl, tok, corpus, out, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+                          lora_dropout=lora_dropout, target_modules=targets, batch_size=batch_size,
+                          grad_accum=grad_accum, max_length=max_length, max_steps=max_steps,
+                          completion_only=completion_only, drop_trivial=drop_trivial, merge=merge, seed=seed,
+                          gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, model_name=model)
+    if is_main_process():
+        ex = result.info["examples"]
+        dropped = ex["lines"] - ex["used"]
+        click.echo(f"wrote {result.adapter_dir}: {ex['used']} examples ({dropped} dropped), "
+                   f"{result.info.get('global_step')} steps, train loss {result.info.get('train_loss', float('nan')):.4f}"
+                   + (f"; merged model in {result.merged_dir}" if result.merged_dir else ""))
+
+
+@cli.command("eval")
+@click.option("--task", "-t", required=True, help="Task to evaluate (gsm8k, svamp, mbpp, codealpaca, mmlu, bbh, ...).")
+@click.option("--data", type=click.Path(), default=None,
+              help="Evaluation examples (JSONL). [default: the task's test split in ../shared/data]")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Results file to write (JSON).")
+@click.option("--model", "-m", default=None, help="Model to evaluate: alias, transformers folder, .gguf file or hub id.")
+@click.option("--adapter", type=click.Path(), default=None, help="A PEFT adapter folder to put on top of --model.")
+@click.option("--predictions", type=click.Path(dir_okay=False), default=None,
+              help='Score these completions (JSONL lines {"id", "completion"}) instead of a model.')
+@click.option("--n-eval", type=click.IntRange(1), default=None,
+              help="A seeded subset of this many examples. [default: the paper's size for the task]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None, help="[default: the task's]")
+@DEVICE_OPTION
+@DTYPE_OPTION
+def eval_(task, data, out, model, adapter, predictions, n_eval, seed, batch_size, max_new_tokens, device, dtype):
+    """Evaluate a model (or score a predictions file) with the task's metric; write the results."""
+    from .evaluate import format_score, run_eval
+
+    result = run_eval(task, out, model=model, adapter=adapter, predictions=predictions, data=data, n=n_eval,
+                      seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    click.echo(f"wrote {out}")
+    click.echo(format_score(result))
+
+
+@cli.command("run")
+@MODEL_OPTION
+@click.option("--task", "-t", required=True, help="Source task: its train prompts are completed and trained on.")
+@click.option("--method", type=click.Choice(["spd", "psr", "ssd", "base"]), default="spd", show_default=True)
+@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False),
+              help="Folder for every artifact; re-running the same command resumes.")
+@click.option("--calib-task", default=None, help="Calibrate on another task (out-of-domain SPD).")
+@click.option("--eval-tasks", default="", help="More tasks to evaluate, comma-separated (the source task and its transfer task always).")
+@click.option("--n-train", type=click.IntRange(1), default=None, help="Training prompts (seeded subset). [default: all]")
+@click.option("--n-calibration", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--n-eval", type=click.IntRange(1), default=None, help="Evaluation examples per task. [default: the paper's]")
+@click.option("--layers", default="last_mid", show_default=True)
+@click.option("--rank", default="half", show_default=True)
+@click.option("--project", "project_kinds", default="both", show_default=True, type=click.Choice(["both", "k", "v"]))
+@click.option("--loss", default="aligned", show_default=True, type=click.Choice(["aligned", "full"]))
+@click.option("--backend", type=click.Choice(["hook", "fused", "fold"]), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None, help="Generation cap. [default: the task's]")
+@click.option("--eval-max-new-tokens", type=click.IntRange(1), default=None, help="[default: the task's]")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Generation/eval batch.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--lora-r", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--lora-alpha", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--train-batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--completion-only", is_flag=True, help="Train on completion tokens only (default: the whole sequence).")
+@click.option("--seed", type=int, default=42, show_default=True)
+@DEVICE_OPTION
+@DTYPE_OPTION
+def run_cmd(model, task, method, workdir, calib_task, eval_tasks, n_train, n_calibration, n_eval, layers, rank,
+            project_kinds, loss, backend, max_new_tokens, eval_max_new_tokens, batch_size, epochs, lr, lora_r,
+            lora_alpha, train_batch_size, completion_only, seed, device, dtype):
+    """The whole protocol: base eval, calibrate, generate, train, eval; resumable."""
+    from .pipeline import RunConfig, run
+
+    config = RunConfig(model=model, task=task, method=method, calib_task=calib_task,
+                       eval_tasks=[t.strip() for t in eval_tasks.split(",") if t.strip()], n_train=n_train,
+                       n_calibration=n_calibration, n_eval=n_eval, layers=layers, rank=rank, project=project_kinds,
+                       loss=loss, backend=backend, max_new_tokens=max_new_tokens,
+                       eval_max_new_tokens=eval_max_new_tokens, batch_size=batch_size, epochs=epochs, lr=lr,
+                       lora_r=lora_r, lora_alpha=lora_alpha, train_batch_size=train_batch_size,
+                       completion_only=completion_only, seed=seed, device=device, dtype=dtype)
+    report = run(config, workdir, log=click.echo)
+    click.echo(report.read_text())
+    click.echo(f"report: {report}")
+
+
+@cli.command()
+@click.argument("workdirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the table (markdown).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Bar chart of the accuracies (PNG).")
+def report(workdirs, out, plot):
+    """Compare `spd run` workdirs in one markdown table (and a bar chart)."""
+    from pathlib import Path
+
+    from .report import plot_runs, run_report
+
+    text = run_report(workdirs)
+    click.echo(text)
+    if out:
+        Path(out).write_text(text)
+    if plot:
+        plot_runs(workdirs, plot)
+        click.echo(f"wrote {plot}")
+
+
 def _subspace_table(sub) -> str:
     lines = ["layer  kv     d  rank  energy  top singular values"]
     for row in sub.summary():

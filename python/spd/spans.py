@@ -50,7 +50,7 @@ def render(tokenizer, prompt: str, completion: str) -> tuple[str, int, int]:
     return text, at - lead, at - lead + len(completion)
 
 
-def _bos_prefix(tokenizer, text: str) -> list[int]:
+def bos_prefix(tokenizer, text: str) -> list[int]:
     """[bos] when the tokenizer adds a BOS of its own and the rendered text does not start with it."""
     bos = getattr(tokenizer, "bos_token", None)
     if bos is None or tokenizer.bos_token_id is None or text.startswith(bos):
@@ -81,7 +81,7 @@ def encode_example(tokenizer, task, ex, *, max_length: int | None = None) -> Enc
     if not getattr(tokenizer, "is_fast", True):
         raise SpdError("locating spans needs a fast tokenizer (character offsets): load it with use_fast=True")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    prefix = _bos_prefix(tokenizer, text)
+    prefix = bos_prefix(tokenizer, text)
     ids, offsets = prefix + list(enc["input_ids"]), [(0, 0)] * len(prefix) + list(enc["offset_mapping"])
 
     def overlapping(lo: int, hi: int) -> list[int]:

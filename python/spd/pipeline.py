@@ -1,0 +1,247 @@
+"""`spd run`: the phases strung together in a workdir, each skipped when its artifact is complete.
+
+    workdir/
+      manifest.json          config, versions, per-phase status, hashes and wall times
+      eval/base/<task>.json  base model on the source task, its transfer task, --eval-tasks
+      subspace.safetensors   (spd) phase 1, calibrated on --calib-task (default: the task)
+      corpus.jsonl           phase 2 (+ corpus.jsonl.manifest.json), resumable
+      train/                 phase 3: train/adapter (PEFT), train/train.json, checkpoints
+      eval/<method>/<task>.json
+      results.json, report.md
+
+Every artifact is written atomically, so a run killed in any phase resumes with the same command.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ._io import atomic_file
+from ._version import __version__
+from .errors import SpdError
+
+METHODS = ("spd", "psr", "ssd", "base")
+# Generation decoding per method (SPEC section 9 leaves it open; decision: greedy for SPD and PSR,
+# the SSD baseline's truncated sampling for SSD).
+METHOD_DECODING = {"spd": "greedy", "psr": "greedy", "ssd": "ssd"}
+
+
+@dataclass
+class RunConfig:
+    model: str
+    task: str
+    method: str
+    calib_task: str | None = None
+    eval_tasks: list[str] = field(default_factory=list)
+    n_train: int | None = None
+    n_calibration: int = 50
+    n_eval: int | None = None
+    layers: str = "last_mid"
+    rank: str = "half"
+    project: str = "both"
+    loss: str = "aligned"
+    svd: str = "auto"
+    backend: str | None = None
+    max_new_tokens: int | None = None
+    eval_max_new_tokens: int | None = None
+    batch_size: int = 8
+    epochs: float = 5.0
+    lr: float = 1e-5
+    lora_r: int = 8
+    lora_alpha: int = 8
+    train_batch_size: int = 4
+    completion_only: bool = False
+    seed: int = 42
+    device: str | None = None
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        from .tasks import get_task
+
+        if self.method not in METHODS:
+            raise SpdError(f"unknown --method {self.method!r}: use one of {', '.join(METHODS)}")
+        for name in [self.task, self.calib_task, *self.eval_tasks]:
+            if name:
+                get_task(name)
+        if self.calib_task and self.method != "spd":
+            raise SpdError("--calib-task only applies to --method spd")
+
+    def eval_task_names(self) -> list[str]:
+        from .tasks import get_task
+
+        names = [self.task]
+        transfer = get_task(self.task).transfer
+        if transfer:
+            names.append(transfer)
+        return list(dict.fromkeys(names + list(self.eval_tasks)))
+
+    # what changes the artifacts (device/dtype/batch sizes for inference do not)
+    def identity(self) -> dict:
+        ident = asdict(self)
+        for key in ("device", "batch_size", "backend"):
+            ident.pop(key)
+        return ident
+
+
+class Workdir:
+    """The run folder and its manifest (config, phase status, timings)."""
+
+    def __init__(self, path: str | Path, config: RunConfig):
+        self.path = Path(path)
+        self.config = config
+        self.manifest_path = self.path / "manifest.json"
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.manifest_path.is_file():
+            self.manifest = json.loads(self.manifest_path.read_text())
+            have = self.manifest.get("config", {})
+            want = config.identity()
+            diff = [k for k in want if have.get(k) != want[k]]
+            if diff:
+                k = diff[0]
+                raise SpdError(f"{self.path} holds a run with another configuration ({k}: {have.get(k)!r} "
+                               f"there, {want[k]!r} now): use another --workdir")
+        else:
+            self.manifest = {"config": config.identity(), "phases": {}}
+        self.manifest["versions"] = _versions()
+        self.save()
+
+    def save(self) -> None:
+        with atomic_file(self.manifest_path, "w") as fh:
+            json.dump(self.manifest, fh, indent=1)
+
+    def phase(self, name: str, done: bool, run, log=print) -> None:
+        """Run ``run()`` unless the phase's artifact is already complete; record the wall time."""
+        if done:
+            log(f"[spd run] {name}: already complete, skipped")
+            self.manifest["phases"].setdefault(name, {})["status"] = "complete"
+            self.save()
+            return
+        log(f"[spd run] {name} ...")
+        started = time.perf_counter()
+        extra = run() or {}
+        self.manifest["phases"][name] = {"status": "complete", "seconds": round(time.perf_counter() - started, 1),
+                                         **extra}
+        self.save()
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"spd": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    import spd_ext
+
+    out["spd_ext"] = {k: spd_ext.build_info()[k] for k in ("loaded", "cuda")}
+    return out
+
+
+def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
+    """Base eval, calibrate, generate, train, eval; returns the path of report.md."""
+    from .models import load
+    from .tasks import get_task
+
+    config.validate()
+    wd = Workdir(workdir, config)
+    path = wd.path
+    model, tok = load(config.model, dtype=config.dtype, device=config.device)
+    eval_names = config.eval_task_names()
+
+    def eval_phase(label: str, adapter: Path | None):
+        for name in eval_names:
+            out = path / "eval" / label / f"{name.replace(':', '_')}.json"
+            wd.phase(f"eval {label} {name}", out.is_file(), lambda name=name, out=out: _evaluate(
+                model, tok, name, out, config, adapter), log)
+
+    eval_phase("base", None)
+    if config.method == "base":
+        return _finish(wd)
+
+    task = get_task(config.task)
+    subspace_file = path / "subspace.safetensors"
+    if config.method == "spd":
+        def calibrate_phase():
+            from .calibrate import calibrate
+
+            calib = get_task(config.calib_task or config.task)
+            sub = calibrate(model, tok, calib.load(split="train"), task=calib, layers=config.layers,
+                            rank=config.rank, project=config.project, loss=config.loss, svd=config.svd,
+                            n_calibration=config.n_calibration, seed=config.seed, model_name=config.model)
+            sub.save(subspace_file)
+            return {"subspace_hash": sub.content_hash(), "n_examples": int(sub.metadata["n_examples"])}
+
+        wd.phase("calibrate", subspace_file.is_file(), calibrate_phase, log)
+
+    corpus = path / "corpus.jsonl"
+
+    def corpus_done() -> bool:
+        manifest = corpus.with_name(corpus.name + ".manifest.json")
+        return manifest.is_file() and json.loads(manifest.read_text()).get("finished", False)
+
+    def generate_phase():
+        from .generate import Decoding, generate_corpus
+        from .subspace import Subspace
+
+        sub = Subspace.load(subspace_file) if config.method == "spd" else None
+        examples = task.load(split="train", n=config.n_train, seed=config.seed)
+        generate_corpus(model, tok, task, examples, corpus, subspace=sub, backend=config.backend,
+                        decoding=Decoding.make(METHOD_DECODING[config.method]),
+                        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                        seed=config.seed, model_name=config.model)
+        stats = json.loads(corpus.with_name(corpus.name + ".manifest.json").read_text())["stats"]
+        return {"corpus": stats}
+
+    wd.phase("generate", corpus_done(), generate_phase, log)
+
+    train_dir = path / "train"
+    adapter = train_dir / "adapter"
+
+    def train_phase():
+        from .train import train
+
+        result = train(model, tok, corpus, train_dir, epochs=config.epochs, lr=config.lr, lora_r=config.lora_r,
+                       lora_alpha=config.lora_alpha, batch_size=config.train_batch_size,
+                       completion_only=config.completion_only, drop_trivial=config.method == "ssd",
+                       seed=config.seed, model_name=config.model)
+        result.model.unload()  # the in-memory model back to the plain base model
+        return {"train_loss": result.info.get("train_loss")}
+
+    wd.phase("train", (adapter / "adapter_config.json").is_file(), train_phase, log)
+    eval_phase(config.method, adapter)
+    return _finish(wd)
+
+
+def _evaluate(model, tok, name: str, out: Path, config: RunConfig, adapter: Path | None) -> dict:
+    from .evaluate import evaluate, load_eval_examples, save_results
+    from .tasks import get_task
+
+    task = get_task(name)
+    examples = load_eval_examples(task, n=config.n_eval, seed=config.seed)
+    if adapter is not None:  # a fresh base model (training may have wrapped the one in memory)
+        from peft import PeftModel
+
+        from .models import load
+
+        base, _ = load(config.model, dtype=config.dtype, device=config.device)
+        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    result = evaluate(model, tok, task, examples, batch_size=config.batch_size,
+                      max_new_tokens=config.eval_max_new_tokens)
+    save_results(result, out)
+    return {"score": result["score"], "metric": result["metric"], "n": result["n"]}
+
+
+def _finish(wd: Workdir) -> Path:
+    from .report import run_report, run_results
+
+    results = run_results(wd.path)
+    with atomic_file(wd.path / "results.json", "w") as fh:
+        json.dump(results, fh, indent=1)
+    with atomic_file(wd.path / "report.md", "w") as fh:
+        fh.write(run_report([wd.path]))
+    return wd.path / "report.md"

@@ -1,0 +1,120 @@
+"""`spd run` end to end on a tiny model; interrupted in every phase, it resumes to the same results."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spd import SpdError
+from spd.cli import cli
+from spd.pipeline import RunConfig, run
+from spd.subspace import Subspace
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_model):
+    _, tok = default_model
+    path = tmp_path_factory.mktemp("tiny-run")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, initializer_range=0.1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def config(tiny_dir, **kw):
+    base = dict(model=str(tiny_dir), task="arith", method="spd", n_train=6, n_calibration=6, n_eval=4,
+                max_new_tokens=8, eval_max_new_tokens=8, batch_size=4, epochs=1.0, lr=1e-3, train_batch_size=2,
+                device="cpu", dtype="float32")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def scores(workdir):
+    res = json.loads((workdir / "results.json").read_text())
+    return res["scores"]
+
+
+class Interrupt(BaseException):
+    """Stands in for a kill: not an Exception, so nothing on the way swallows it."""
+
+
+PHASES = {  # where to interrupt: (module attribute patched, after how many calls)
+    "eval": ("spd.evaluate.evaluate", 0),
+    "calibrate": ("spd.calibrate.capture", 0),
+    "generate": ("spd.generate.generate_batch", 1),  # after the first batch was written
+    "train": ("spd.train.train", 0),
+}
+
+
+def test_spd_run_resumes_after_an_interruption_in_every_phase(tiny_dir, tmp_path, monkeypatch):
+    reference = tmp_path / "uninterrupted"
+    run(config(tiny_dir), reference, log=lambda *a: None)
+    want = scores(reference)
+    assert set(want) == {"base", "spd"} and set(want["spd"]) == {"arith"}
+    assert (reference / "report.md").read_text().count("| arith |") == 1
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert {"calibrate", "generate", "train"} <= set(manifest["phases"])
+    assert all(p["status"] == "complete" for p in manifest["phases"].values())
+
+    workdir = tmp_path / "interrupted"
+    for phase, (target, after) in PHASES.items():
+        module_name, attr = target.rsplit(".", 1)
+        module = __import__(module_name, fromlist=[attr])
+        original = getattr(module, attr)
+        calls = {"n": 0}
+
+        def flaky(*args, _original=original, _after=after, **kwargs):
+            if calls["n"] >= _after:
+                raise Interrupt(phase)
+            calls["n"] += 1
+            return _original(*args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(module, attr, flaky)
+            with pytest.raises(Interrupt):
+                run(config(tiny_dir), workdir, log=lambda *a: None)
+    run(config(tiny_dir), workdir, log=lambda *a: None)
+    assert scores(workdir) == want
+    assert (workdir / "corpus.jsonl").read_bytes() == (reference / "corpus.jsonl").read_bytes()
+    got, ref = (Subspace.load(w / "subspace.safetensors") for w in (workdir, reference))
+    assert got.metadata == ref.metadata and all(torch.equal(got.bases[s], ref.bases[s]) for s in ref.sites)
+
+
+def test_base_method_and_report_cli(tiny_dir, tmp_path):
+    wd = tmp_path / "base"
+    run(config(tiny_dir, method="base"), wd, log=lambda *a: None)
+    assert set(scores(wd)) == {"base"} and not (wd / "corpus.jsonl").exists()
+    png = tmp_path / "bars.png"
+    result = CliRunner().invoke(cli, ["report", str(wd), "--plot", str(png)])
+    assert result.exit_code == 0 and "| base |" in result.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_another_config_in_the_same_workdir_is_refused(tiny_dir, tmp_path):
+    wd = tmp_path / "w"
+    run(config(tiny_dir, method="base"), wd, log=lambda *a: None)
+    with pytest.raises(SpdError, match="another configuration"):
+        run(config(tiny_dir, method="base", n_eval=3), wd, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "spd", "--calib-task", "nosuch"], "unknown task 'nosuch'"),
+    (["--method", "psr", "--calib-task", "gsm8k"], "--calib-task only applies to --method spd"),
+    (["--eval-tasks", "gsm9k"], "unknown task 'gsm9k'"),
+])
+def test_run_bad_input_is_one_line(tiny_dir, tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["run", "--model", str(tiny_dir), "--task", "arith", "--workdir",
+                                      str(tmp_path / "w"), "--device", "cpu", *args])
+    assert result.exit_code == 1 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_report_of_a_non_run_folder_is_an_error(tmp_path):
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "not an spd run folder" in result.output
