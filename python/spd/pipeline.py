@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -229,7 +230,9 @@ def _evaluate(model, tok, name: str, out: Path, config: RunConfig, adapter: Path
         from .models import load
 
         base, _ = load(config.model, dtype=config.dtype, device=config.device)
-        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        with warnings.catch_warnings():  # peft 0.21 reads a deprecated transformers attribute
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(base, str(adapter)).eval()
     result = evaluate(model, tok, task, examples, batch_size=config.batch_size,
                       max_new_tokens=config.eval_max_new_tokens)
     save_results(result, out)
