@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from spd import SpdError
 from spd.arch import get_adapter
@@ -17,20 +17,16 @@ from spd.spans import encode_examples
 from spd.subspace import Subspace
 from spd.tasks import get_task
 
+from .conftest import save_tiny_llama
+
 N_LAYERS = 4
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, default_model):
     """A tiny random Llama with the default model's tokenizer (chat template included)."""
-    _, tok = default_model
-    path = tmp_path_factory.mktemp("tiny")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=N_LAYERS,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), default_model[1], num_hidden_layers=N_LAYERS,
+                           eos_token_id=None, bos_token_id=None)
 
 
 @pytest.fixture(scope="module")

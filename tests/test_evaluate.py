@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from spd import SpdError
 from spd.cli import cli
 from spd.evaluate import (default_eval_size, evaluate, load_eval_examples, metric_of, read_predictions,
                           reference_nll, save_results, score_predictions)
 from spd.tasks import data_root, get_task
+
+from .conftest import save_tiny_llama
 
 DATA = data_root()
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "gsm8k" / "test.jsonl").is_file(),
@@ -32,15 +34,7 @@ def by_id(result):
 # -- tiny model ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, default_model):
-    _, tok = default_model
-    path = tmp_path_factory.mktemp("tiny-eval")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-eval"), default_model[1])
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from spd import SpdError
 from spd.cli import cli
@@ -19,18 +19,12 @@ from spd.generate import Decoding, generate_batch, generate_corpus, manifest_pat
 from spd.subspace import Subspace, weights_fingerprint
 from spd.tasks import get_task
 
+from .conftest import save_tiny_llama
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, default_model):
-    _, tok = default_model
-    path = tmp_path_factory.mktemp("tiny-gen")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-gen"), default_model[1], num_hidden_layers=3)
 
 
 @pytest.fixture(scope="module")

@@ -6,25 +6,19 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from spd import SpdError
 from spd.cli import cli
 from spd.pipeline import RunConfig, run
 from spd.subspace import Subspace
 
+from .conftest import save_tiny_llama
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, default_model):
-    _, tok = default_model
-    path = tmp_path_factory.mktemp("tiny-run")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, initializer_range=0.1)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-run"), default_model[1], num_hidden_layers=4,
+                           initializer_range=0.1)
 
 
 def config(tiny_dir, **kw):

@@ -13,11 +13,13 @@ from click.testing import CliRunner
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
-                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback)
+                          GPTNeoXForCausalLM, LlamaForCausalLM, TrainerCallback)
 
 from spd import SpdError
 from spd.cli import cli
 from spd.train import IGNORE, Collator, build_examples, encode_record, lora_targets, read_corpus, train
+
+from .conftest import save_tiny_llama
 
 # PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` when wrapping a model
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -28,15 +30,8 @@ FAST = dict(epochs=3, lr=1e-2, batch_size=2, grad_accum=2, save_steps=2, progres
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, default_model):
     """A tiny random Llama with the default model's tokenizer (chat template included)."""
-    _, tok = default_model
-    path = tmp_path_factory.mktemp("tiny-train")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-train"), default_model[1], hidden_size=32,
+                           intermediate_size=64, head_dim=8)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_spectra(subspace, path: str | Path) -> Path:
     """Singular value spectra (log scale) of every (layer, K|V), with the kept rank marked."""
     plt = _pyplot()
@@ -33,11 +41,7 @@ def plot_spectra(subspace, path: str | Path) -> Path:
     ax.set_title(f"spd subspace: {subspace.metadata.get('model', '?')} / {subspace.metadata.get('task', '?')}"
                  " (dotted: kept rank)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # Column order of the paper's tables (SPEC section 8); other tasks follow alphabetically.
@@ -115,8 +119,4 @@ def plot_runs(workdirs, path: str | Path) -> Path:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
