@@ -11,7 +11,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
