@@ -322,6 +322,79 @@ def report(workdirs, out, plot):
         click.echo(f"wrote {plot}")
 
 
+@cli.group()
+def bench():
+    """Benchmarks: projection hook overhead, gradient capture, SVD (numbers, not tests)."""
+
+
+def _bench_command(name, options, summary):
+    def decorate(fn):
+        fn = click.option("--quick", is_flag=True, help="Small sizes: finishes in under 2 minutes on a 2-core CPU.")(fn)
+        fn = click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+                          help="Write the JSON here. [default: bench/results/<machine-tag>.json]")(fn)
+        fn = click.option("--plot", is_flag=True, help="Also write a PNG chart next to the JSON.")(fn)
+        fn = click.option("--readme", type=click.Path(dir_okay=False), default=None,
+                          help="Markdown file whose table to refresh. [default: bench/README.md, "
+                               "untouched with --out]")(fn)
+        fn = DEVICE_OPTION(fn)
+        fn = click.option("--tiny", is_flag=True, hidden=True)(fn)  # the smoke test's sizes
+        for opt in options:
+            fn = opt(fn)
+        return bench.command(name, help=summary)(fn)
+    return decorate
+
+
+def _run_bench(name, quick, out, plot, readme, device, tiny, **kw):
+    from .bench import main as run_bench
+
+    ctx = click.get_current_context()
+    command = ctx.command_path.split() + [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+                                          for k, v in ctx.params.items() if v not in (None, False, ())]
+    written = run_bench(name, quick=quick, out=out, plot=plot, readme=readme, device=device, tiny=tiny,
+                        log=click.echo, command=command, **{k: v for k, v in kw.items() if v not in (None, ())})
+    click.echo(f"wrote {written['json']}" + (f", {written['readme']}" if written["readme"] else "")
+               + (f", {written['plot']}" if written["plot"] else ""))
+
+
+def _ints(text):
+    return [int(float(x)) for x in text.split(",") if x.strip()] if text else None
+
+
+@_bench_command("hooks", [
+    click.option("--models", default=None, help="Comma-separated: default, qwen2.5-0.5b-shape, "
+                 "llama-3.1-8b-shape, or a model name/path."),
+    click.option("--batches", default=None, help="Comma-separated batch sizes."),
+    click.option("--prompt-len", type=click.IntRange(1), default=None),
+    click.option("--new-tokens", type=click.IntRange(2), default=None),
+    click.option("--reps", type=click.IntRange(1), default=None, help="Measured repetitions (after 1 warm-up)."),
+], "Decode-step latency and generate throughput: none vs hook, fused, fold (interleaved).")
+def bench_hooks(quick, out, plot, readme, device, tiny, models, batches, prompt_len, new_tokens, reps):
+    _run_bench("hooks", quick, out, plot, readme, device, tiny, models=models.split(",") if models else None,
+               batches=_ints(batches), prompt_len=prompt_len, new_tokens=new_tokens, reps=reps)
+
+
+@_bench_command("capture", [
+    click.option("--model", "-m", default=None, help="[default: the default model]"),
+    click.option("--task", "-t", default=None, help="[default: gsm8k, or arith without data]"),
+    click.option("--n", type=click.IntRange(1), default=None, help="Calibration examples. [default: 50]"),
+    click.option("--reps", type=click.IntRange(1), default=None),
+    click.option("--layers", default=None, help="[default: last_mid]"),
+], "Calibration capture time and peak memory: plain retain_grad vs spd's Gram capture.")
+def bench_capture(quick, out, plot, readme, device, tiny, model, task, n, reps, layers):
+    _run_bench("capture", quick, out, plot, readme, device, tiny, model=model, task=task, n=n, reps=reps,
+               layers=layers)
+
+
+@_bench_command("svd", [
+    click.option("--rows", "ms", default=None, help="Comma-separated M values (1e4,1e5,1e6)."),
+    click.option("--dims", "ds", default=None, help="Comma-separated d values (128,512,1024,4096)."),
+    click.option("--methods", default=None, help="Comma-separated: exact, gram, randomized, svd_lowrank, cupy."),
+], "Exact vs gram vs randomized SVD: time, peak memory, largest principal angle.")
+def bench_svd(quick, out, plot, readme, device, tiny, ms, ds, methods):
+    _run_bench("svd", quick, out, plot, readme, device, tiny, Ms=_ints(ms), ds=_ints(ds),
+               methods=methods.split(",") if methods else None)
+
+
 def _subspace_table(sub) -> str:
     lines = ["layer  kv     d  rank  energy  top singular values"]
     for row in sub.summary():
