@@ -228,21 +228,14 @@ COLUMNS = [("method", "method", ""), ("examples", "n_examples", ""), ("task", "t
 
 
 def table(doc) -> str:
-    entry = doc["benchmarks"]["capture"]
-    text = common.header(doc, "capture") + "\n\n" + common.markdown_table(COLUMNS, entry["rows"])
-    if entry["rows"]:
-        text += (f"\n\nTargets: speedup >= {TARGETS['speedup']}x, memory ratio >= {TARGETS['memory_ratio']}x; "
-                 f"peak = {entry['rows'][0]['peak_method']} above the post-load baseline.")
-    for s in entry.get("skipped", []):
-        text += f"\n\n- skipped {s['what']}: {s['reason']}"
-    return text
+    rows = doc["benchmarks"]["capture"]["rows"]
+    note = (f"Targets: speedup >= {TARGETS['speedup']}x, memory ratio >= {TARGETS['memory_ratio']}x; "
+            f"peak = {rows[0]['peak_method']} above the post-load baseline.") if rows else ""
+    return common.results_table(doc, "capture", COLUMNS, note)
 
 
 def plot(doc, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     rows = doc["benchmarks"]["capture"]["rows"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))

@@ -275,5 +275,24 @@ def header(doc: dict, name: str) -> str:
             + f"; torch {doc['versions']['torch']}; {entry['created']}; `{' '.join(entry['command'])}`")
 
 
+def results_table(doc: dict, name: str, columns: list[tuple[str, str, str]], note: str = "") -> str:
+    """A benchmark's markdown block: header line, the table, an optional note, the skipped sizes."""
+    entry = doc["benchmarks"][name]
+    text = header(doc, name) + "\n\n" + markdown_table(columns, entry["rows"])
+    if note:
+        text += "\n\n" + note
+    skipped = entry.get("skipped", [])
+    if skipped:
+        text += "\n\n" + "\n".join(f"- skipped {s['what']}: {s['reason']}" for s in skipped)
+    return text
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (a one-line error when matplotlib is missing)."""
+    from ..report import _pyplot
+
+    return _pyplot()
+
+
 def plot_path(results: Path, name: str) -> Path:
     return results.with_name(f"{results.stem}-{name}.png")

@@ -210,18 +210,11 @@ COLUMNS = [("model", "model", ""), ("batch", "batch", ""), ("backend", "backend"
 
 
 def table(doc) -> str:
-    entry = doc["benchmarks"]["hooks"]
-    text = common.header(doc, "hooks") + "\n\n" + common.markdown_table(COLUMNS, entry["rows"])
-    for s in entry.get("skipped", []):
-        text += f"\n\n- skipped {s['what']}: {s['reason']}"
-    return text
+    return common.results_table(doc, "hooks", COLUMNS)
 
 
 def plot(doc, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     rows = doc["benchmarks"]["hooks"]["rows"]
     models = list(dict.fromkeys(r["model"] for r in rows))

@@ -193,18 +193,11 @@ COLUMNS = [("M", "M", ""), ("d", "d", ""), ("r", "r", ""), ("method", "method", 
 
 
 def table(doc) -> str:
-    entry = doc["benchmarks"]["svd"]
-    text = common.header(doc, "svd") + "\n\n" + common.markdown_table(COLUMNS, entry["rows"])
-    for s in entry.get("skipped", []):
-        text += f"\n- skipped {s['what']}: {s['reason']}"
-    return text
+    return common.results_table(doc, "svd", COLUMNS)
 
 
 def plot(doc, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     rows = doc["benchmarks"]["svd"]["rows"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
