@@ -20,6 +20,13 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+MODEL_OPTION = click.option("--model", "-m", default="smollm2-135m", show_default=True,
+                            help="Alias, transformers folder, .gguf file or hub id.")
+DEVICE_OPTION = click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda if available]")
+DTYPE_OPTION = click.option("--dtype", default="auto", show_default=True,
+                            type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spd")
 def cli():
@@ -38,13 +45,11 @@ def doctor(as_json):
 
 
 @cli.command()
-@click.option("--model", "-m", default="smollm2-135m", show_default=True,
-              help="Alias, transformers folder, .gguf file or hub id.")
+@MODEL_OPTION
 @click.option("--prompt", "-p", required=True, help="The user message.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, 8192))
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda if available]")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@DEVICE_OPTION
+@DTYPE_OPTION
 def chat(model, prompt, max_new_tokens, device, dtype):
     """Answer one prompt with a model (greedy), e.g. to check that it loads and runs."""
     from .models import load
@@ -52,13 +57,6 @@ def chat(model, prompt, max_new_tokens, device, dtype):
 
     mdl, tok = load(model, dtype=dtype, device=device)
     click.echo(answer(mdl, tok, prompt, max_new_tokens=max_new_tokens))
-
-
-MODEL_OPTION = click.option("--model", "-m", default="smollm2-135m", show_default=True,
-                            help="Alias, transformers folder, .gguf file or hub id.")
-DEVICE_OPTION = click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda if available]")
-DTYPE_OPTION = click.option("--dtype", default="auto", show_default=True,
-                            type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 
 
 @cli.command()

@@ -286,17 +286,14 @@ def _records_last(result: dict) -> dict:
 def _reference_tokens(tokenizer, task, ex) -> tuple[list[int], list[int]] | None:
     """(input ids of the rendered conversation, positions of the reference's tokens), or None
     when the example has no reference text."""
-    from .spans import bos_prefix, render
+    from .spans import overlapping, render, tokenize_with_offsets
 
     reference = ex.reference or ""
     if not reference.strip():
         return None
     text, start, end = render(tokenizer, task.prompt(ex), reference)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    prefix = bos_prefix(tokenizer, text)
-    ids = prefix + list(enc["input_ids"])
-    offsets = [(0, 0)] * len(prefix) + [tuple(o) for o in enc["offset_mapping"]]
-    positions = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s and i >= 1]
+    ids, offsets = tokenize_with_offsets(tokenizer, text)
+    positions = [i for i in overlapping(offsets, start, end) if i >= 1]
     return (ids, positions) if positions else None
 
 

@@ -67,6 +67,31 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
+def tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets) of ``text``, with the tokenizer's BOS first when it adds one."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    prefix = bos_prefix(tokenizer, text)
+    return prefix + list(enc["input_ids"]), [(0, 0)] * len(prefix) + [tuple(o) for o in enc["offset_mapping"]]
+
+
+def overlapping(offsets, lo: int, hi: int) -> list[int]:
+    """Positions of the (non-empty) tokens whose characters overlap [lo, hi)."""
+    return [i for i, (s, e) in enumerate(offsets) if s < hi and e > lo and e > s]
+
+
+def with_end_of_turn(tokenizer, ids, offsets, text: str, positions: list[int]) -> list[int]:
+    """``positions`` plus the end-of-turn token the template puts after the message (and any
+    whitespace tokens before it); unchanged when the next non-blank token is not special."""
+    special, tail = _special_ids(tokenizer), []
+    for i in range(positions[-1] + 1, len(ids)):
+        tail.append(i)
+        if ids[i] in special:
+            return positions + tail
+        if text[offsets[i][0]:offsets[i][1]].strip():
+            break
+    return positions
+
+
 def encode_example(tokenizer, task, ex, *, max_length: int | None = None) -> Encoded | None:
     """``ex`` as one token sequence with its span and completion positions.
 
@@ -80,26 +105,12 @@ def encode_example(tokenizer, task, ex, *, max_length: int | None = None) -> Enc
     text, start, end = render(tokenizer, task.prompt(ex), completion)
     if not getattr(tokenizer, "is_fast", True):
         raise SpdError("locating spans needs a fast tokenizer (character offsets): load it with use_fast=True")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    prefix = bos_prefix(tokenizer, text)
-    ids, offsets = prefix + list(enc["input_ids"]), [(0, 0)] * len(prefix) + list(enc["offset_mapping"])
-
-    def overlapping(lo: int, hi: int) -> list[int]:
-        return [i for i, (s, e) in enumerate(offsets) if s < hi and e > lo and e > s]
-
-    span_positions = sorted({i for a, b in spans for i in overlapping(start + a, start + b)})
-    completion_positions = overlapping(start, end)
+    ids, offsets = tokenize_with_offsets(tokenizer, text)
+    span_positions = sorted({i for a, b in spans for i in overlapping(offsets, start + a, start + b)})
+    completion_positions = overlapping(offsets, start, end)
     if not span_positions or not completion_positions:
         return None
-    # the end-of-turn token the template puts after the message (whitespace tokens before it allowed)
-    special, tail = _special_ids(tokenizer), []
-    for i in range(completion_positions[-1] + 1, len(ids)):
-        tail.append(i)
-        if ids[i] in special:
-            completion_positions += tail
-            break
-        if text[offsets[i][0]:offsets[i][1]].strip():
-            break
+    completion_positions = with_end_of_turn(tokenizer, ids, offsets, text, completion_positions)
     span_positions = [p for p in span_positions if p >= 1]
     completion_positions = [p for p in completion_positions if p >= 1]
     if max_length is not None and len(ids) > max_length:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_dir, atomic_file
+from ._io import atomic_dir, atomic_file, file_sha256
 from ._version import __version__
 from .errors import SpdError
 
@@ -194,36 +194,26 @@ def encode_record(tokenizer, prompt: str, completion: str, *, completion_only: b
     tokens and the end-of-turn token that follows it. Truncation cuts from the right; None when
     ``completion_only`` leaves no target token.
     """
-    from .spans import _special_ids, bos_prefix, render
+    from .spans import bos_prefix, overlapping, render, tokenize_with_offsets, with_end_of_turn
 
     text, start, end = render(tokenizer, prompt, completion)
-    prefix = bos_prefix(tokenizer, text)
     if completion_only and not getattr(tokenizer, "is_fast", True):
         raise SpdError("--completion-only needs a fast tokenizer (character offsets): load it with use_fast=True")
     if getattr(tokenizer, "is_fast", True):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = [(0, 0)] * len(prefix) + list(enc["offset_mapping"])
+        ids, offsets = tokenize_with_offsets(tokenizer, text)
     else:
-        enc, offsets = tokenizer(text, add_special_tokens=False), None
-    ids = prefix + list(enc["input_ids"])
+        ids, offsets = bos_prefix(tokenizer, text) + tokenizer(text, add_special_tokens=False)["input_ids"], None
     templated = bool(getattr(tokenizer, "chat_template", None))
     if not templated and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         if offsets is not None:
             offsets.append((len(text), len(text)))
     if completion_only:
-        target = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
+        target = overlapping(offsets, start, end)
         if not templated and tokenizer.eos_token_id is not None:
             target.append(len(ids) - 1)
         elif target:  # the template's end-of-turn token (whitespace tokens before it included)
-            special, tail = _special_ids(tokenizer), []
-            for i in range(target[-1] + 1, len(ids)):
-                tail.append(i)
-                if ids[i] in special:
-                    target += tail
-                    break
-                if text[offsets[i][0]:offsets[i][1]].strip():
-                    break
+            target = with_end_of_turn(tokenizer, ids, offsets, text, target)
         labels = [IGNORE] * len(ids)
         for i in target:
             labels[i] = ids[i]
@@ -347,14 +337,6 @@ def model_fingerprint(model) -> str:
             digest.update(f"{name}{tuple(t.shape)}".encode())
             digest.update(t.view(torch.int16).numpy().tobytes())
         return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def train_device(device: str | None) -> str:

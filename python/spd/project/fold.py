@@ -8,14 +8,13 @@ folds for good and :func:`export_folded` writes a folded checkpoint that plain t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_dir
+from .._io import atomic_dir, file_sha256
 from ..arch import KVSite, _is_conv1d, get_adapter
 from ..errors import SpdError
 from ..subspace import Subspace
@@ -117,14 +116,6 @@ def fold_into_weights(model: nn.Module, subspace: Subspace) -> None:
         fold_site(plan.site, plan.bases[0])
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def readme_line(model: nn.Module, subspace: Subspace, file_hash: str | None) -> str:
     """One line saying what was folded: subspace hash, layers, kinds, ranks, source model."""
     source = (getattr(model, "spd_name", None) or subspace.metadata.get("model")
@@ -146,7 +137,7 @@ def export_folded(model: nn.Module, tokenizer, subspace: Subspace | str | Path, 
 
     file_hash = None
     if isinstance(subspace, (str, Path)):
-        file_hash = _file_sha256(Path(subspace)) if Path(subspace).is_file() else None
+        file_hash = file_sha256(Path(subspace)) if Path(subspace).is_file() else None
         subspace = Subspace.load(subspace)
     try:
         from peft import PeftModel
