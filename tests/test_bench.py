@@ -63,3 +63,39 @@ def test_bench_plot(tmp_path):
     png = tmp_path / "r-svd.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "README.md").exists()  # --out without --readme leaves the README alone
+
+
+def test_results_merge_keeps_rows_not_measured_again(tmp_path):
+    """A later run replaces the rows it measured again and keeps the others (same mode only)."""
+    from spd.bench import common
+
+    out = tmp_path / "r.json"
+    first = {"quick": False, "tiny": False, "skipped": [{"what": "exact M=9", "reason": "memory"}],
+             "rows": [{"M": 10, "d": 4, "r": 2, "method": "exact", "t": 1}, {"M": 10, "d": 4, "r": 2, "method": "gram", "t": 2}]}
+    common.write_results("svd", first, out=out, command=["spd", "bench", "svd", "--rows", "10"])
+    second = {"quick": False, "tiny": False, "skipped": [],
+              "rows": [{"M": 5, "d": 4, "r": 2, "method": "gram", "t": 3}, {"M": 10, "d": 4, "r": 2, "method": "gram", "t": 4}]}
+    _, doc = common.write_results("svd", second, out=out, command=["spd", "bench", "svd", "--rows", "5,10"])
+    entry = doc["benchmarks"]["svd"]
+    assert [(r["M"], r["method"], r["t"]) for r in entry["rows"]] == [(5, "gram", 3), (10, "exact", 1), (10, "gram", 4)]
+    assert entry["skipped"] == first["skipped"]
+    assert entry["earlier_commands"][0]["command"][-1] == "10"
+    assert "rows kept from" in common.header(doc, "svd")
+    # a quick run does not mix with full-size rows
+    _, doc = common.write_results("svd", {**second, "quick": True}, out=out, command=["spd"])
+    assert len(doc["benchmarks"]["svd"]["rows"]) == 2 and "earlier_commands" not in doc["benchmarks"]["svd"]
+
+
+def test_svd_exact_extrapolated_only_where_not_measured():
+    from spd.bench.svd import extrapolate_exact
+
+    rows = [{"M": 10, "d": 4, "r": 2, "method": "exact", "time_s_median": 1.0, "speedup_vs_exact": 1.0},
+            {"M": 100, "d": 4, "r": 2, "method": "exact", "time_s_median": 8.0, "speedup_vs_exact": 1.0},
+            {"M": 100, "d": 4, "r": 2, "method": "gram", "time_s_median": 2.0, "speedup_vs_exact": 4.0},
+            {"M": 1000, "d": 4, "r": 2, "method": "gram", "time_s_median": 16.0},
+            {"M": 1000, "d": 8, "r": 2, "method": "gram", "time_s_median": 1.0}]
+    out = extrapolate_exact(rows)
+    assert out[2]["speedup_vs_exact"] == 4.0 and "exact_extrapolated_from" not in out[2]
+    assert out[3]["speedup_vs_exact"] == 80.0 / 16.0 and out[3]["exact_extrapolated_from"] == 100
+    assert "speedup_vs_exact" not in out[4]  # no exact at that d
+    assert "speedup_vs_exact" not in rows[3]  # inputs untouched

@@ -12,7 +12,8 @@ from .conftest import DEVICES
 
 CAPTURE = {"ext": spd_ext.capture_gram_, "reference": reference.capture_gram_}
 GATHER = {"ext": spd_ext.gather_rows, "reference": reference.gather_rows}
-SHAPES = [(1, 8), (7, 64), (33, 192), (300, 128), (700, 40), (5, 1024)]  # N, d
+# N, d; (1300, 300): >= d masked rows at d >= 256, the CPU kernel's symmetric (upper-triangle) route
+SHAPES = [(1, 8), (7, 64), (33, 192), (300, 128), (700, 40), (5, 1024), (1300, 300)]
 GRAD_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Relative error vs the float64 Gram of the rows as given (already rounded to their dtype).
 GRAM_TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
@@ -284,3 +285,20 @@ def test_capture_traces_under_torch_compile(gen):
     out = f(gram, grad)
     want = expected_gram(grad, mask)
     assert rel_err(out / 2, want) <= 1e-12 and rel_err(gram, want) <= 1e-12  # mutated in place too
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", CAPTURE)
+def test_capture_gram_adds_to_any_gram(gen, impl, device):
+    """The op adds G^T G to whatever gram holds (not symmetric, strided), also on the symmetric route."""
+    ext_or_skip(impl, device)
+    n, d = 900, 260
+    grad = torch.randn(n, d, generator=gen)
+    mask = torch.ones(n, dtype=torch.bool)
+    storage = torch.randn(d, 2 * d, generator=gen, dtype=torch.float64)
+    start = storage[:, ::2].clone()  # what the gram holds before: not symmetric
+    gram = storage.to(device)[:, ::2]  # a strided view
+    assert not gram.is_contiguous()
+    want = start + expected_gram(grad, mask)
+    CAPTURE[impl](gram, grad.to(device), mask.to(device))
+    assert rel_err(gram, want) <= GRAM_TOL[torch.float64]

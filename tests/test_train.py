@@ -254,8 +254,9 @@ def test_two_process_gloo_ddp_equals_one_process(tiny_dir, tok, corpus, tmp_path
 
     12 examples (--drop-trivial) so that every global batch is full: with a ragged last batch accelerate
     pads the ranks' shards with repeated examples and the runs differ on purpose."""
+    # float32 throughout: in bf16 autocast the two summation orders differ by more than rounding noise
     opts = ["--drop-trivial", "--epochs", "2", "--lr", "1e-2", "--lora-dropout", "0", "--device", "cpu",
-            "--save-steps", "100"]
+            "--save-steps", "100", "--no-bf16"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "spd.cli",
            "train", "--model", str(tiny_dir), "--corpus", str(corpus), "--out", str(tmp_path / "ddp"),
@@ -279,12 +280,28 @@ def test_two_process_gloo_ddp_equals_one_process(tiny_dir, tok, corpus, tmp_path
     PeftModel.from_pretrained(fresh(tiny_dir), out / "adapter")  # loads
 
     single = train(fresh(tiny_dir), tok, corpus, tmp_path / "one", drop_trivial=True, epochs=2, lr=1e-2,
-                   lora_dropout=0.0, batch_size=4, save_steps=100, progress=False)
+                   lora_dropout=0.0, batch_size=4, save_steps=100, progress=False, bf16=False)
     one = adapter_weights(tmp_path / "one")
     for key in one:  # same examples per step; only the float summation order differs
         torch.testing.assert_close(ddp[key], one[key], rtol=0, atol=1e-5)
     losses = [e["loss"] for e in single.info["loss_history"]]
     assert [e["loss"] for e in info["loss_history"]] == pytest.approx(losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_precision_setting_is_recorded_and_not_left_on_the_model(tiny_dir, tok, corpus, tmp_path, bf16):
+    """bf16 autocast is a training setting: the returned model computes in float32 like a reloaded one."""
+    from spd.train import fast_bf16
+
+    assert fast_bf16("cpu") in (True, False) and fast_bf16("meta") is False
+    result = train(fresh(tiny_dir), tok, corpus, tmp_path / "run", epochs=1, lr=1e-2, batch_size=4,
+                   progress=False, bf16=bf16)
+    info = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert info["bf16"] is bf16 and info["gradient_checkpointing"] is False  # CPU default: off
+    got = logits(result.model, tok)
+    assert got.dtype == torch.float32
+    reloaded = PeftModel.from_pretrained(fresh(tiny_dir), tmp_path / "run" / "adapter").eval()
+    torch.testing.assert_close(logits(reloaded, tok), got, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -201,14 +201,17 @@ def export(model, subspace, out, device, dtype):
 @click.option("--drop-trivial", is_flag=True, help="Drop empty or one-line completions (the SSD baseline's filter).")
 @click.option("--merge", is_flag=True, help="Also write a merged full model to OUT/merged.")
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in the backward pass. [default: on a GPU only]")
+@click.option("--bf16/--no-bf16", default=None,
+              help="bfloat16 autocast. [default: bf16 models on a GPU; float32 models on CPUs with AMX]")
 @click.option("--save-steps", type=click.IntRange(1), default=100, show_default=True,
               help="Checkpoint every this many optimizer steps.")
 @DEVICE_OPTION
 @DTYPE_OPTION
 def train(model, corpus, out, epochs, lr, lora_r, lora_alpha, lora_dropout, target_modules, batch_size, grad_accum,
-          max_length, max_steps, completion_only, drop_trivial, merge, seed, gradient_checkpointing, save_steps,
-          device, dtype):
+          max_length, max_steps, completion_only, drop_trivial, merge, seed, gradient_checkpointing, bf16,
+          save_steps, device, dtype):
     """Phase 3: LoRA-distill the unmodified model on a corpus (resumes an interrupted run)."""
     from .models import load
     from .train import is_main_process, read_corpus, train as run_training, train_device
@@ -220,7 +223,8 @@ def train(model, corpus, out, epochs, lr, lora_r, lora_alpha, lora_dropout, targ
                           lora_dropout=lora_dropout, target_modules=targets, batch_size=batch_size,
                           grad_accum=grad_accum, max_length=max_length, max_steps=max_steps,
                           completion_only=completion_only, drop_trivial=drop_trivial, merge=merge, seed=seed,
-                          gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, model_name=model)
+                          gradient_checkpointing=gradient_checkpointing, bf16=bf16, save_steps=save_steps,
+                          model_name=model)
     if is_main_process():
         ex = result.info["examples"]
         dropped = ex["lines"] - ex["used"]

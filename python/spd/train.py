@@ -442,6 +442,18 @@ def _quiet_peft():
         yield
 
 
+def fast_bf16(device) -> bool:
+    """Whether bfloat16 matmuls are fast on ``device``: a GPU with bf16 support, or a CPU with AMX
+    tiles (Intel Sapphire Rapids and later; there bf16 GEMMs run ~10x the float32 rate)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(is_amx and is_amx())
+    return False
+
+
 def _loss_history(log_history: list[dict]) -> list[dict]:
     keep = ("step", "epoch", "loss", "learning_rate", "grad_norm")
     return [{k: e[k] for k in keep if k in e} for e in log_history if "loss" in e]
@@ -452,7 +464,8 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
           batch_size: int = 4, grad_accum: int = 1, max_length: int = 1024, completion_only: bool = False,
           drop_trivial: bool = False, seed: int = 42, weight_decay: float = 0.01, lr_scheduler: str = "cosine",
           warmup_ratio: float = 0.0, max_grad_norm: float = 1.0, max_steps: int | None = None,
-          gradient_checkpointing: bool = True, merge: bool = False, save_steps: int = 100,
+          gradient_checkpointing: bool | None = None, bf16: bool | None = None, merge: bool = False,
+          save_steps: int = 100,
           save_total_limit: int = 2, logging_steps: int | None = None, model_name: str | None = None,
           progress: bool = True, callbacks=()) -> TrainResult:
     """LoRA-distill ``model`` on ``corpus`` into ``out_dir`` (resumes an interrupted run there).
@@ -539,6 +552,10 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     if logging_steps is None:
         logging_steps = max(1, total // 50)
     on_gpu = device.type == "cuda"
+    if gradient_checkpointing is None:
+        gradient_checkpointing = on_gpu
+    if bf16 is None:
+        bf16 = dtype == torch.bfloat16 if on_gpu else (dtype == torch.float32 and fast_bf16(device))
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=opts.batch_size,
         gradient_accumulation_steps=opts.grad_accum, num_train_epochs=opts.epochs,
@@ -549,7 +566,7 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
         activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         logging_strategy="steps", logging_steps=logging_steps, save_strategy="steps", save_steps=save_steps,
         save_total_limit=save_total_limit, report_to="none", seed=opts.seed, data_seed=opts.seed,
-        use_cpu=device.type == "cpu", bf16=on_gpu and dtype == torch.bfloat16,
+        use_cpu=device.type == "cpu", bf16=bool(bf16),
         fp16=on_gpu and dtype == torch.float16, remove_unused_columns=False, disable_tqdm=not progress,
         dataloader_num_workers=0, ddp_find_unused_parameters=False,
     )
@@ -572,7 +589,8 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
                 "corpus": {"path": str(corpus.resolve()), "manifest": (manifest or {}).get("config"),
                            "manifest_finished": (manifest or {}).get("finished")},
                 "examples": counts, "global_batch": opts.batch_size * opts.grad_accum * world,
-                "gradient_checkpointing": bool(gradient_checkpointing), "versions": _versions()}
+                "gradient_checkpointing": bool(gradient_checkpointing), "bf16": bool(bf16),
+                "versions": _versions()}
         if trainer.is_world_process_zero():
             out.mkdir(parents=True, exist_ok=True)
             _write_info(out, info)
@@ -582,9 +600,11 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except BaseException:
         _after_training(model, use_cache)
+        _drop_autocast_wrapper(peft_model)
         peft_model.unload()  # hand the caller's model back without LoRA layers (a retry starts clean)
         raise
     _after_training(model, use_cache)
+    _drop_autocast_wrapper(peft_model)
     peft_model.eval()
     info.update({
         "finished": True, "global_step": trainer.state.global_step, "epochs_done": trainer.state.epoch,
@@ -614,6 +634,15 @@ def _after_training(model, use_cache) -> None:
     if use_cache is not None:
         model.config.use_cache = use_cache
     model.eval()
+
+
+def _drop_autocast_wrapper(model) -> None:
+    """With mixed precision, accelerate wraps ``model.forward`` in autocast; the returned model
+    computes in its own dtype again (as it will once reloaded)."""
+    if "_original_forward" in getattr(model, "__dict__", {}):
+        from accelerate.utils import extract_model_from_parallel
+
+        extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
 def lora_targets_conv(model, targets) -> bool:

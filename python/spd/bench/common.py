@@ -211,6 +211,7 @@ def write_results(name: str, entry: dict, *, device=None, out: str | Path | None
     entry = {"benchmark": name, "command": command or [Path(sys.argv[0]).name, *sys.argv[1:]],
              "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **entry}
+    entry = _merge_rows(name, doc.get("benchmarks", {}).get(name), entry)
     doc.setdefault("benchmarks", {})[name] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -220,6 +221,41 @@ def write_results(name: str, entry: dict, *, device=None, out: str | Path | None
 
 
 SCHEMA = "spd-bench/1"
+
+# What identifies one measurement in each benchmark's rows: a later run replaces the rows it
+# measured again and keeps the others (so `--models X` or `--rows 1e6` adds to the record).
+ROW_KEYS = {"hooks": ("model", "batch", "backend"), "capture": ("method",), "svd": ("M", "d", "r", "method")}
+
+
+def _merge_rows(name: str, old: dict | None, new: dict) -> dict:
+    """``new`` plus the rows of ``old`` that it did not measure again (same quick/tiny mode only);
+    the commands of the kept rows go to ``earlier_commands``."""
+    keys = ROW_KEYS.get(name)
+    if not keys or not isinstance(old, dict) or not old.get("rows"):
+        return new
+    if bool(old.get("quick")) != bool(new.get("quick")) or bool(old.get("tiny")) != bool(new.get("tiny")):
+        return new
+
+    def key(row):
+        return tuple(row.get(k) for k in keys)
+
+    measured = {key(row) for row in new.get("rows", [])}
+    kept = [row for row in old["rows"] if key(row) not in measured]
+    if not kept:
+        return new
+    remeasured = {str(s.get("what")) for s in new.get("skipped", [])}
+    merged = dict(new)
+    # stable sort on the first key only (model / M): each group keeps its measured order
+    merged["rows"] = sorted(kept + list(new.get("rows", [])), key=lambda r: _order(r.get(keys[0])))
+    merged["skipped"] = list(new.get("skipped", [])) + [s for s in old.get("skipped", [])
+                                                          if str(s.get("what")) not in remeasured]
+    merged["earlier_commands"] = [*old.get("earlier_commands", []), {"command": old.get("command"),
+                                                                      "created": old.get("created")}]
+    return merged
+
+
+def _order(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
 def _jsonable(obj):
@@ -272,7 +308,9 @@ def header(doc: dict, name: str) -> str:
     quick = " (--quick)" if entry.get("quick") else ""
     return (f"**{m['tag']}**{quick}: {m['cpu']}, {m['cpu_count']} CPUs"
             + (f", {m['gpu']}" if m.get("gpu") else "")
-            + f"; torch {doc['versions']['torch']}; {entry['created']}; `{' '.join(entry['command'])}`")
+            + f"; torch {doc['versions']['torch']}; {entry['created']}; `{' '.join(entry['command'])}`"
+            + "".join(f"; rows kept from {e['created']}: `{' '.join(e['command'] or [])}`"
+                      for e in entry.get("earlier_commands", [])))
 
 
 def results_table(doc: dict, name: str, columns: list[tuple[str, str, str]], note: str = "") -> str:

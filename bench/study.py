@@ -1,0 +1,69 @@
+"""The reproduction study in one command: every run of base, PSR, SSD and SPD (code, math, QA), the
+out-of-domain row and the loss ablation, for each model; then docs/RESULTS.md (between its study
+markers) and docs/results.png. Resumable: stop it at any point and run the same command again.
+
+    python bench/study.py                          # run (or resume) everything, refresh the document
+    python bench/study.py --dry-run                # list the runs and their `spd run` commands
+    python bench/study.py --only qwen2.5-coder-0.5b/code --only smollm2-135m/math
+    python bench/study.py --report                 # only refresh the document from finished runs
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "runs" / "study",
+              show_default=True, help="Where the run folders live.")
+@click.option("--models", default=",".join(("qwen2.5-coder-0.5b", "smollm2-135m")), show_default=True)
+@click.option("--domains", default="code,math,qa", show_default=True)
+@click.option("--n-train", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Generation/eval batch.")
+@click.option("--only", multiple=True, help="Only the runs whose '<model>/<key>' contains this (repeatable).")
+@click.option("--dry-run", is_flag=True, help="List the runs and what is left; run nothing.")
+@click.option("--report", "report_only", is_flag=True, help="Only refresh the document from finished runs.")
+@click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",
+              show_default=True)
+def main(root, models, domains, n_train, epochs, batch_size, only, dry_run, report_only, doc):
+    from spd.errors import SpdError
+    from spd.study import (
+        StudySettings,
+        collect,
+        plot_scores,
+        refresh_document,
+        render,
+        run_study,
+    )
+
+    settings = StudySettings(root=root, models=tuple(m for m in models.split(",") if m),
+                             domains=tuple(d for d in domains.split(",") if d), n_train=n_train, epochs=epochs,
+                             batch_size=batch_size)
+
+    def report():
+        collected = collect(settings)
+        png = plot_scores(collected, doc.with_name("results.png"))
+        try:
+            plot = png.relative_to(doc.parent).as_posix() if png else None
+        except ValueError:
+            plot = str(png)
+        refresh_document(doc, render(collected, plot=plot))
+        click.echo(f"[study] wrote {doc}")
+
+    try:
+        if not report_only:
+            run_study(settings, only=list(only) or None, dry_run=dry_run, log=click.echo,
+                      after_each=report)
+        if not dry_run:
+            report()
+    except SpdError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""The reproduction study (SPEC section 8): does SPD beat base, PSR and SSD with this toolkit?
+
+One `spd run` workdir per (model, run key) under ``root``:
+
+    <root>/<model>/<domain>/<method>     domain in code, math, qa; method in base, spd, psr, ssd
+    <root>/<model>/ood/<domain>-qa       SPD calibrated on QA (MMLU), generated/trained/evaluated on math or code
+    <root>/<model>/ablation/math-full    SPD on math with the full-sequence calibration loss
+
+Runs go one after the other in a subprocess (``spd run ...``, its output in ``<workdir>/log.txt``);
+each resumes where it stopped, so the whole study resumes with the same command. The base model's
+evaluations are done once per model and copied into the other runs' workdirs. :func:`collect` reads
+what has finished (scores with bootstrap intervals, paired tests, corpus quality, wall times) and
+:func:`render` writes the results document.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ._io import atomic_file
+from .errors import SpdError
+
+DOMAINS = {"code": ("mbpp", "codealpaca"), "math": ("gsm8k", "svamp"), "qa": ("mmlu", "bbh")}
+METHODS = ("base", "spd", "psr", "ssd")
+MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
+# what each model is compared with in the paper's tables (the nearest model it reports)
+PAPER_MODEL = "Qwen2.5-0.5B-Instruct"
+PAPER = {  # SPEC section 8, Table 1 (accuracy %, CodeAlpaca NLL)
+    "base": {"mbpp": 17.0, "codealpaca": 0.683, "gsm8k": 11.0, "svamp": 16.0, "mmlu": 46.0, "bbh": 32.7},
+    "psr": {"mbpp": 29.0, "codealpaca": 0.683, "gsm8k": 17.0, "svamp": 19.0, "mmlu": 43.0, "bbh": 33.7},
+    "ssd": {"mbpp": 18.3, "codealpaca": 0.682, "gsm8k": 12.0, "svamp": 16.0, "mmlu": 48.0, "bbh": 36.0},
+    "spd": {"mbpp": 25.5, "codealpaca": 0.679, "gsm8k": 22.0, "svamp": 32.0, "mmlu": 49.0, "bbh": 38.7},
+}
+PAPER_OOD = {"gsm8k": 26.0, "svamp": 17.0, "mbpp": 21.0}  # Table 2, SPD-QA
+PAPER_ABLATION = {"mbpp": 11.9, "gsm8k": 13.0, "svamp": 24.0, "mmlu": 48.0, "bbh": 35.7}  # Table 5, full loss
+PAPER_N_TRAIN = {"code": 464, "math": 7473, "qa": 2000}
+COLUMNS = ("mbpp", "codealpaca", "gsm8k", "svamp", "mmlu", "bbh")
+LOWER_IS_BETTER = {"codealpaca"}
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One `spd run` of the study."""
+
+    model: str
+    key: str  # "code/spd", "ood/math-qa", "ablation/math-full"
+    task: str
+    method: str
+    calib_task: str | None = None
+    loss: str = "aligned"
+
+    @property
+    def domain(self) -> str:
+        return next(d for d, (src, _) in DOMAINS.items() if src == self.task)
+
+    def workdir(self, root: Path) -> Path:
+        return Path(root) / self.model / self.key
+
+    def base_key(self) -> str:
+        return f"{self.domain}/base"
+
+
+@dataclass
+class StudySettings:
+    root: Path = Path("runs/study")
+    models: tuple[str, ...] = MODELS
+    domains: tuple[str, ...] = ("code", "math", "qa")
+    n_train: int = 200
+    n_calibration: int = 50
+    epochs: float = 5.0
+    batch_size: int = 32
+    train_batch_size: int = 4
+    seed: int = 42
+    ood: bool = True
+    ablation: bool = True
+    extra: list[str] = field(default_factory=list)  # more `spd run` options, e.g. ["--dtype", "float32"]
+
+    def runs(self) -> list[StudyRun]:
+        """Every run, in the order they are done (per model: each domain's four methods, then the
+        out-of-domain row and the ablation)."""
+        for d in self.domains:
+            if d not in DOMAINS:
+                raise SpdError(f"unknown domain {d!r}: use {', '.join(DOMAINS)}")
+        out = []
+        for model in self.models:
+            for d in self.domains:
+                out += [StudyRun(model, f"{d}/{m}", DOMAINS[d][0], m) for m in METHODS]
+            if self.ood:
+                out += [StudyRun(model, f"ood/{d}-qa", DOMAINS[d][0], "spd", calib_task="mmlu")
+                        for d in ("math", "code")]
+            if self.ablation:
+                out.append(StudyRun(model, "ablation/math-full", "gsm8k", "spd", loss="full"))
+        return out
+
+    def command(self, run: StudyRun) -> list[str]:
+        """The `spd run` command line of ``run``."""
+        cmd = ["spd", "run", "--model", run.model, "--task", run.task, "--method", run.method,
+               "--workdir", str(run.workdir(self.root)), "--n-train", str(self.n_train),
+               "--n-calibration", str(self.n_calibration), "--epochs", f"{self.epochs:g}",
+               "--batch-size", str(self.batch_size), "--train-batch-size", str(self.train_batch_size),
+               "--seed", str(self.seed)]
+        if run.calib_task:
+            cmd += ["--calib-task", run.calib_task]
+        if run.loss != "aligned":
+            cmd += ["--loss", run.loss]
+        return cmd + list(self.extra)
+
+
+# -- running -------------------------------------------------------------------------------------
+def is_complete(workdir: Path) -> bool:
+    return (Path(workdir) / "results.json").is_file()
+
+
+def seed_base_evals(settings: StudySettings, run: StudyRun) -> list[str]:
+    """Copy the base model's finished evaluations from the domain's base run into ``run``'s workdir
+    (the pipeline then skips them). Returns the task names copied."""
+    if run.key == run.base_key():
+        return []
+    src = StudyRun(run.model, run.base_key(), run.task, "base").workdir(settings.root) / "eval" / "base"
+    dst = run.workdir(settings.root) / "eval" / "base"
+    copied = []
+    for f in sorted(src.glob("*.json")) if src.is_dir() else []:
+        if not (dst / f.name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            with atomic_file(dst / f.name, "wb") as fh:
+                fh.write(f.read_bytes())
+            copied.append(f.stem)
+    return copied
+
+
+def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run: bool = False,
+              log=print, after_each=None) -> list[dict]:
+    """Run (or resume) every run of the study not yet complete, one at a time. ``only``: keep the
+    runs whose "<model>/<key>" contains one of these strings; ``after_each()`` is called after each
+    run that ran (e.g. to refresh the document). Returns one status dict per run."""
+    statuses = []
+    runs = [r for r in settings.runs() if not only or any(s in f"{r.model}/{r.key}" for s in only)]
+    if not runs:
+        raise SpdError(f"--only {','.join(only or [])} matches none of the study's runs")
+    for i, run in enumerate(runs, 1):
+        wd = run.workdir(settings.root)
+        cmd = settings.command(run)
+        label = f"[study {i}/{len(runs)}] {run.model} {run.key}"
+        if is_complete(wd):
+            log(f"{label}: complete")
+            statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
+            continue
+        if dry_run:
+            log(f"{label}: would run: {' '.join(cmd)}")
+            statuses.append({"run": f"{run.model}/{run.key}", "status": "todo"})
+            continue
+        wd.mkdir(parents=True, exist_ok=True)
+        copied = seed_base_evals(settings, run)
+        log(f"{label}: running (log: {wd / 'log.txt'})" + (f"; base evals reused: {', '.join(copied)}" if copied else ""))
+        started = time.perf_counter()
+        with open(wd / "log.txt", "a") as fh:
+            fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            fh.flush()
+            exe = shutil.which("spd") or sys.executable
+            argv = cmd[1:] if exe != sys.executable else ["-m", "spd.cli", *cmd[1:]]
+            rc = subprocess.call([exe, *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "TQDM_MININTERVAL": "30"})
+        minutes = (time.perf_counter() - started) / 60
+        if rc != 0:
+            log(f"{label}: failed (exit {rc}) after {minutes:.1f} min; see {wd / 'log.txt'}")
+            statuses.append({"run": f"{run.model}/{run.key}", "status": "failed", "rc": rc})
+            if rc < 0 or rc in (130, 137, 143):  # interrupted: stop the study, it resumes later
+                break
+            continue
+        log(f"{label}: done in {minutes:.1f} min")
+        statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
+        if after_each is not None:
+            after_each()
+    return statuses
+
+
+# -- collecting ----------------------------------------------------------------------------------
+def _eval_file(workdir: Path, label: str, task: str) -> Path:
+    return Path(workdir) / "eval" / label / f"{task.replace(':', '_')}.json"
+
+
+def per_example(result: dict) -> tuple[list[str], list[float]]:
+    """(ids, values) of one evaluation: 1/0 correctness, or the NLL (examples without one dropped)."""
+    if result["metric"] == "nll":
+        recs = [r for r in result["records"] if r.get("nll") is not None]
+        return [r["id"] for r in recs], [float(r["nll"]) for r in recs]
+    return [r["id"] for r in result["records"]], [1.0 if r["correct"] else 0.0 for r in result["records"]]
+
+
+def load_eval(workdir: Path, label: str, task: str) -> dict | None:
+    path = _eval_file(workdir, label, task)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
+    """Accuracy of the generated corpus against the training prompts' gold answers, mean length
+    and cap hits (cached in ``<workdir>/corpus_quality.json`` by corpus hash)."""
+    from ._io import file_sha256
+    from .evaluate import read_predictions, score_predictions
+    from .tasks import get_task
+
+    wd = run.workdir(settings.root)
+    corpus = wd / "corpus.jsonl"
+    manifest = wd / "corpus.jsonl.manifest.json"
+    if not manifest.is_file() or not json.loads(manifest.read_text()).get("finished"):
+        return None
+    digest = file_sha256(corpus)
+    cache = wd / "corpus_quality.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("corpus_sha256") == digest:
+            return cached
+    task = get_task(run.task)
+    examples = task.load(split="train", n=settings.n_train, seed=settings.seed)
+    preds = read_predictions(corpus, examples, task_name=task.name)
+    scored = score_predictions(task, examples, preds)
+    records = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
+    _, values = per_example(scored)
+    from .stats import bootstrap_ci
+
+    out = {"corpus_sha256": digest, "task": task.name, "n": len(records),
+           "accuracy": bootstrap_ci(values, seed=settings.seed),
+           "mean_tokens": sum(r["n_tokens"] for r in records) / len(records),
+           "hit_cap": sum(r.get("stop") == "length" for r in records),
+           "empty": sum(not r["completion"].strip() for r in records)}
+    with atomic_file(cache, "w") as fh:
+        json.dump(out, fh, indent=1)
+    return out
+
+
+def collect(settings: StudySettings) -> dict:
+    """Everything finished so far: ``{"models": {model: {...}}}`` with, per run, its scores (bootstrap
+    intervals) per evaluated task, paired tests of SPD against each baseline, corpus quality and
+    wall times."""
+    from .stats import bootstrap_ci, paired_compare
+
+    out = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+           "models": {}}
+    for model in settings.models:
+        runs = [r for r in settings.runs() if r.model == model]
+        m = out["models"][model] = {"runs": {}, "paired": {}}
+        vectors: dict[tuple[str, str], dict[str, float]] = {}  # (run label, task) -> {id: value}
+        for run in runs:
+            wd = run.workdir(settings.root)
+            label = "base" if run.method == "base" else run.method
+            entry = {"key": run.key, "method": run.method, "complete": is_complete(wd), "scores": {},
+                     "command": " ".join(settings.command(run))}
+            tasks = DOMAINS[run.domain]
+            for task in tasks:
+                res = load_eval(wd, label, task)
+                if res is None:
+                    continue
+                ids, values = per_example(res)
+                ci = bootstrap_ci(values, seed=settings.seed)
+                entry["scores"][task] = {"metric": res["metric"], **ci}
+                vectors[(run.key, task)] = dict(zip(ids, values))
+            manifest = wd / "manifest.json"
+            if manifest.is_file():
+                phases = json.loads(manifest.read_text()).get("phases", {})
+                entry["seconds"] = {k: v.get("seconds") for k, v in phases.items() if v.get("seconds") is not None}
+                entry["versions"] = json.loads(manifest.read_text()).get("versions")
+            if run.method != "base":
+                try:
+                    entry["corpus"] = corpus_quality(settings, run)
+                except SpdError as exc:
+                    entry["corpus"] = {"error": str(exc)}
+            m["runs"][run.key] = entry
+        # paired tests: SPD (and the OOD / ablation SPD runs) against each baseline of the same domain
+        for run in runs:
+            if run.method != "spd":
+                continue
+            for task in DOMAINS[run.domain]:
+                mine = vectors.get((run.key, task))
+                if not mine:
+                    continue
+                for other in ("base", "psr", "ssd", "spd"):
+                    key = f"{run.domain}/{other}"
+                    if key == run.key:
+                        continue
+                    theirs = vectors.get((key, task))
+                    if not theirs:
+                        continue
+                    common_ids = [i for i in mine if i in theirs]
+                    cmp = paired_compare([mine[i] for i in common_ids], [theirs[i] for i in common_ids],
+                                         seed=settings.seed)
+                    m["paired"][f"{run.key} vs {key} on {task}"] = {"run": run.key, "against": key, "task": task,
+                                                                    **cmp}
+    return out
+
+
+# -- the document --------------------------------------------------------------------------------
+def _pct(task: str, value: float) -> str:
+    return f"{value:.3f}" if task in LOWER_IS_BETTER else f"{100 * value:.1f}"
+
+
+def _cell(scores: dict, task: str) -> str:
+    s = scores.get(task)
+    if not s:
+        return "…"
+    return f"{_pct(task, s['mean'])} [{_pct(task, s['lo'])}, {_pct(task, s['hi'])}]"
+
+
+def render(collected: dict, *, plot: str | None = None) -> str:
+    """The results section (markdown) from :func:`collect`'s output."""
+    st = collected["settings"]
+    lines = []
+    for model, m in collected["models"].items():
+        runs = m["runs"]
+        done = sum(r["complete"] for r in runs.values())
+        lines += [f"### {model}", "", f"Runs complete: {done} of {len(runs)} "
+                  f"(… = not finished yet). Cells: score [95% bootstrap interval over the evaluation examples]; "
+                  f"accuracy in %, CodeAlpaca reference NLL (lower is better). Paper: {PAPER_MODEL}, SPEC section 8.", ""]
+        lines += ["| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+        for method in METHODS:
+            scores = {}
+            for d in DOMAINS:
+                scores.update(runs.get(f"{d}/{method}", {}).get("scores", {}))
+            lines.append(f"| {method.upper() if method != 'base' else 'Base'} (ours) | "
+                         + " | ".join(_cell(scores, t) for t in COLUMNS) + " |")
+            lines.append(f"| {method.upper() if method != 'base' else 'Base'} (paper) | "
+                         + " | ".join(f"{PAPER[method][t]:g}" for t in COLUMNS) + " |")
+        lines.append("")
+        ood = {}
+        for d in ("math", "code"):
+            ood.update(runs.get(f"ood/{d}-qa", {}).get("scores", {}))
+        if any(k.startswith("ood/") for k in runs):
+            lines += ["Out-of-domain (SPD calibrated on MMLU, generated, trained and evaluated on the other domain; "
+                      "paper Table 2, SPD-QA):", "",
+                      "| run | gsm8k | svamp | mbpp | codealpaca |", "|---|---|---|---|---|",
+                      "| SPD-QA (ours) | " + " | ".join(_cell(ood, t) for t in ("gsm8k", "svamp", "mbpp", "codealpaca")) + " |",
+                      "| SPD-QA (paper) | " + " | ".join(f"{PAPER_OOD[t]:g}" if t in PAPER_OOD else "-"
+                                                        for t in ("gsm8k", "svamp", "mbpp", "codealpaca")) + " |", ""]
+        if "ablation/math-full" in runs:
+            ab = runs["ablation/math-full"].get("scores", {})
+            al = runs.get("math/spd", {}).get("scores", {})
+            lines += ["Calibration-loss ablation on math (paper Table 5):", "",
+                      "| loss | gsm8k | svamp |", "|---|---|---|",
+                      f"| aligned (ours) | {_cell(al, 'gsm8k')} | {_cell(al, 'svamp')} |",
+                      f"| full (ours) | {_cell(ab, 'gsm8k')} | {_cell(ab, 'svamp')} |",
+                      f"| aligned (paper) | {PAPER['spd']['gsm8k']:g} | {PAPER['spd']['svamp']:g} |",
+                      f"| full (paper) | {PAPER_ABLATION['gsm8k']:g} | {PAPER_ABLATION['svamp']:g} |", ""]
+        if m["paired"]:
+            lines += ["Paired tests (same evaluation examples): difference of the score (first minus second; "
+                      "for NLL, negative favours the first), 95% paired bootstrap interval, two-sided p "
+                      "(exact McNemar for accuracy, sign-flip permutation for NLL):", "",
+                      "| comparison | task | difference | 95% interval | p | wins / losses |", "|---|---|---|---|---|---|"]
+            for p in m["paired"].values():
+                lines.append(f"| {p['run']} vs {p['against']} | {p['task']} | {_pct(p['task'], p['diff'])} | "
+                             f"[{_pct(p['task'], p['lo'])}, {_pct(p['task'], p['hi'])}] | {p['p']:.3g} | "
+                             f"{p['wins']} / {p['losses']} |")
+            lines.append("")
+        quality = [(k, r["corpus"]) for k, r in runs.items() if r.get("corpus") and "accuracy" in r["corpus"]]
+        if quality:
+            lines += ["Self-generated training data before training (paper Table 3): accuracy of the completions "
+                      "against the training prompts' gold answers, mean length, completions that hit the cap:", "",
+                      "| run | task | n | accuracy % [95%] | mean tokens | hit cap | empty |", "|---|---|---|---|---|---|---|"]
+            for key, q in quality:
+                a = q["accuracy"]
+                lines.append(f"| {key} | {q['task']} | {q['n']} | {100 * a['mean']:.1f} [{100 * a['lo']:.1f}, "
+                             f"{100 * a['hi']:.1f}] | {q['mean_tokens']:.0f} | {q['hit_cap']} | {q['empty']} |")
+            lines.append("")
+        timed = [(k, r["seconds"]) for k, r in runs.items() if r.get("seconds")]
+        if timed:
+            lines += ["Wall time per phase (minutes; base evaluations are done once per domain and reused):", "",
+                      "| run | phases | total |", "|---|---|---|"]
+            for key, secs in timed:
+                phases = ", ".join(f"{k} {v / 60:.1f}" for k, v in secs.items())
+                lines.append(f"| {key} | {phases} | {sum(secs.values()) / 60:.1f} |")
+            lines.append("")
+    if plot:
+        lines += [f"![scores]({plot})", ""]
+    lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in st.items() if k not in ("extra",)), ""]
+    return "\n".join(lines)
+
+
+def refresh_document(path: Path, body: str) -> Path:
+    """Replace the block between the study markers in ``path`` (hand-written text outside them stays)."""
+    start, end = "<!-- study:results -->", "<!-- /study:results -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = Path(path).read_text() if Path(path).is_file() else f"# Reproduction study\n\n{start}\n{end}\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(Path(path), "w") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def plot_scores(collected: dict, path: Path) -> Path | None:
+    """Bar chart: accuracy per benchmark and method with the bootstrap intervals, one panel per model."""
+    from .report import _pyplot
+
+    models = [(name, m) for name, m in collected["models"].items()
+              if any(r["scores"] for r in m["runs"].values())]
+    if not models:
+        return None
+    plt = _pyplot()
+    tasks = [t for t in COLUMNS if t not in LOWER_IS_BETTER]
+    fig, axes = plt.subplots(len(models), 1, figsize=(9, 3.2 * len(models)), squeeze=False)
+    width = 0.2
+    for ax, (name, m) in zip(axes[:, 0], models):
+        for j, method in enumerate(METHODS):
+            scores = {}
+            for d in DOMAINS:
+                scores.update(m["runs"].get(f"{d}/{method}", {}).get("scores", {}))
+            xs = [i + (j - 1.5) * width for i, t in enumerate(tasks) if t in scores]
+            if not xs:
+                continue
+            s = [scores[t] for t in tasks if t in scores]
+            ax.bar(xs, [100 * v["mean"] for v in s], width, label=method,
+                   yerr=[[100 * (v["mean"] - v["lo"]) for v in s], [100 * (v["hi"] - v["mean"]) for v in s]],
+                   capsize=2)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel("accuracy %")
+        ax.set_title(name)
+        ax.legend(fontsize=8, ncols=4)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,155 @@
+"""The reproduction study's plan, resumption bookkeeping and document (spd.study), on fake run folders:
+no model runs here."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from spd.errors import SpdError
+from spd.study import (
+    DOMAINS,
+    StudySettings,
+    collect,
+    corpus_quality,
+    refresh_document,
+    render,
+    run_study,
+    seed_base_evals,
+)
+from spd.tasks.base import data_root
+
+DATA = data_root()
+needs_data = pytest.mark.skipif(DATA is None or not (DATA / "gsm8k" / "train.jsonl").is_file(),
+                                reason="benchmark data not found")
+
+
+def test_plan_covers_the_protocol(tmp_path):
+    st = StudySettings(root=tmp_path, models=("m1", "m2"))
+    runs = st.runs()
+    keys = [(r.model, r.key) for r in runs]
+    assert len(keys) == len(set(keys)) == 2 * (3 * 4 + 3)
+    m1 = [r for r in runs if r.model == "m1"]
+    assert [r.key for r in m1[:4]] == ["code/base", "code/spd", "code/psr", "code/ssd"]  # base first
+    ood = {r.key: r for r in m1 if r.key.startswith("ood/")}
+    assert {r.calib_task for r in ood.values()} == {"mmlu"} and {r.task for r in ood.values()} == {"gsm8k", "mbpp"}
+    ablation = next(r for r in m1 if r.key.startswith("ablation/"))
+    assert (ablation.task, ablation.loss, ablation.method) == ("gsm8k", "full", "spd")
+    cmd = st.command(ablation)
+    assert cmd[:2] == ["spd", "run"] and cmd[cmd.index("--loss") + 1] == "full"
+    assert cmd[cmd.index("--workdir") + 1] == str(tmp_path / "m1" / "ablation" / "math-full")
+    assert "--calib-task" in st.command(ood["ood/math-qa"]) and "--calib-task" not in cmd
+    with pytest.raises(SpdError, match="unknown domain"):
+        StudySettings(domains=("poetry",)).runs()
+
+
+def _eval(path: Path, task: str, values, metric="accuracy"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if metric == "nll":
+        records = [{"id": str(i), "nll": v} for i, v in enumerate(values)]
+    else:
+        records = [{"id": str(i), "correct": bool(v)} for i, v in enumerate(values)]
+    score = sum(values) / len(values)
+    path.write_text(json.dumps({"task": task, "metric": metric, "score": score, "n": len(values), "records": records}))
+
+
+def test_base_evals_are_reused(tmp_path):
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    base, spd = st.runs()[0], st.runs()[1]
+    _eval(base.workdir(tmp_path) / "eval" / "base" / "gsm8k.json", "gsm8k", [1, 0])
+    assert seed_base_evals(st, spd) == ["gsm8k"]
+    assert (spd.workdir(tmp_path) / "eval" / "base" / "gsm8k.json").read_text() == \
+        (base.workdir(tmp_path) / "eval" / "base" / "gsm8k.json").read_text()
+    assert seed_base_evals(st, spd) == []  # already there
+    assert seed_base_evals(st, base) == []
+
+
+def test_run_study_skips_complete_runs_and_stops_when_interrupted(tmp_path, monkeypatch):
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    runs = st.runs()
+    runs[0].workdir(tmp_path).mkdir(parents=True)
+    (runs[0].workdir(tmp_path) / "results.json").write_text("{}")
+    calls = []
+
+    def fake_call(argv, **kw):
+        calls.append(argv)
+        return 130 if len(calls) == 2 else 0  # the second run is interrupted (Ctrl-C)
+
+    monkeypatch.setattr("spd.study.subprocess.call", fake_call)
+    monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
+    refreshed = []
+    statuses = run_study(st, log=lambda *_: None, after_each=lambda: refreshed.append(1))
+    assert [s["status"] for s in statuses] == ["complete", "complete", "failed"]  # stopped after the interrupt
+    assert calls[0][:3] == [sys.executable, "-m", "spd.cli"] and "--method" in calls[0]
+    assert refreshed == [1]
+    assert "spd run" in (runs[1].workdir(tmp_path) / "log.txt").read_text()
+    dry = run_study(st, dry_run=True, log=lambda *_: None)
+    assert [s["status"] for s in dry] == ["complete", "todo", "todo", "todo"]
+    with pytest.raises(SpdError, match="matches none"):
+        run_study(st, only=["nothing-like-this"], dry_run=True, log=lambda *_: None)
+
+
+def test_collect_and_render(tmp_path):
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math", "code"), ood=False, ablation=False)
+    by_key = {r.key: r for r in st.runs()}
+    gold = [1, 0, 1, 0, 0, 1, 0, 0, 1, 0]
+    better = [1, 1, 1, 1, 0, 1, 1, 0, 1, 1]
+    _eval(by_key["math/base"].workdir(tmp_path) / "eval" / "base" / "gsm8k.json", "gsm8k", gold)
+    _eval(by_key["math/spd"].workdir(tmp_path) / "eval" / "spd" / "gsm8k.json", "gsm8k", better)
+    _eval(by_key["code/base"].workdir(tmp_path) / "eval" / "base" / "codealpaca.json", "codealpaca",
+          [0.7, 0.6, 0.8], metric="nll")
+    _eval(by_key["code/spd"].workdir(tmp_path) / "eval" / "spd" / "codealpaca.json", "codealpaca",
+          [0.6, 0.5, 0.8], metric="nll")
+    (by_key["math/spd"].workdir(tmp_path) / "results.json").write_text("{}")
+    (by_key["math/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
+        {"phases": {"generate": {"status": "complete", "seconds": 120.0}, "train": {"seconds": 60}}}))
+    got = collect(st)
+    m = got["models"]["m"]
+    assert m["runs"]["math/spd"]["complete"] and not m["runs"]["math/psr"]["complete"]
+    assert m["runs"]["math/spd"]["scores"]["gsm8k"]["mean"] == pytest.approx(0.8)
+    pair = m["paired"]["math/spd vs math/base on gsm8k"]
+    assert pair["diff"] == pytest.approx(0.4) and pair["wins"] == 4 and pair["losses"] == 0
+    assert pair["test"] == "exact McNemar" and pair["p"] == pytest.approx(2 / 16)
+    nll = m["paired"]["code/spd vs code/base on codealpaca"]
+    assert nll["test"] == "sign-flip permutation" and nll["diff"] == pytest.approx(-0.2 / 3)
+    text = render(got, plot="results.png")
+    assert "| SPD (ours) |" in text and "80.0 [" in text and "| SPD (paper) |" in text and "22 |" in text
+    assert "math/spd vs math/base" in text and "generate 2.0" in text and "![scores](results.png)" in text
+    assert "…" in text  # unfinished cells are marked, not invented
+    json.dumps(got)  # the collected numbers are plain JSON
+
+
+def test_refresh_document_keeps_hand_written_text(tmp_path):
+    doc = tmp_path / "RESULTS.md"
+    refresh_document(doc, "table one")
+    text = doc.read_text().replace("table one", "table one") + "\n## Conclusion\nhand-written\n"
+    doc.write_text(text)
+    refresh_document(doc, "table two")
+    text = doc.read_text()
+    assert "table two" in text and "table one" not in text and "hand-written" in text
+    assert text.count("<!-- study:results -->") == 1
+
+
+@needs_data
+def test_corpus_quality_scores_the_corpus_against_the_gold_answers(tmp_path):
+    from spd.tasks import get_task
+
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), n_train=6, ood=False, ablation=False)
+    run = next(r for r in st.runs() if r.key == "math/psr")
+    wd = run.workdir(tmp_path)
+    wd.mkdir(parents=True)
+    task = get_task(DOMAINS["math"][0])
+    examples = task.load(split="train", n=6, seed=st.seed)
+    lines = []
+    for k, ex in enumerate(examples):  # 4 right, 2 wrong, one of them hitting the cap
+        answer = ex.answer if k < 4 else str(int(ex.answer) + 1)
+        lines.append(json.dumps({"id": ex.id, "prompt": "p", "completion": f"So the answer is {answer}.",
+                                 "n_tokens": 10 + k, "stop": "length" if k == 5 else "eos"}))
+    (wd / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    assert corpus_quality(st, run) is None  # unfinished (no manifest saying finished)
+    (wd / "corpus.jsonl.manifest.json").write_text(json.dumps({"finished": True}))
+    q = corpus_quality(st, run)
+    assert q["accuracy"]["mean"] == pytest.approx(4 / 6) and q["n"] == 6 and q["hit_cap"] == 1
+    assert q["mean_tokens"] == pytest.approx(12.5)
+    assert json.loads((wd / "corpus_quality.json").read_text())["corpus_sha256"] == q["corpus_sha256"]
