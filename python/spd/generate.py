@@ -195,6 +195,12 @@ def manifest_path(corpus: Path) -> Path:
     return corpus.with_name(corpus.name + ".manifest.json")
 
 
+def corpus_finished(corpus: Path) -> bool:
+    """Whether ``generate_corpus`` finished ``corpus`` (its manifest says so)."""
+    path = manifest_path(Path(corpus))
+    return path.is_file() and bool(json.loads(path.read_text()).get("finished", False))
+
+
 def _check_manifest(corpus: Path, config: CorpusConfig) -> None:
     path = manifest_path(corpus)
     want = asdict(config)

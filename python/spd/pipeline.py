@@ -128,6 +128,11 @@ class Workdir:
         self.save()
 
 
+def eval_path(workdir: str | Path, label: str, task: str) -> Path:
+    """Where a run keeps one evaluation: ``<workdir>/eval/<label>/<task>.json`` (``:`` -> ``_``)."""
+    return Path(workdir) / "eval" / label / f"{task.replace(':', '_')}.json"
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -156,7 +161,7 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
 
     def eval_phase(label: str, adapter: Path | None):
         for name in eval_names:
-            out = path / "eval" / label / f"{name.replace(':', '_')}.json"
+            out = eval_path(path, label, name)
             wd.phase(f"eval {label} {name}", out.is_file(), lambda name=name, out=out: _evaluate(
                 model, tok, name, out, config, adapter), log)
 
@@ -181,12 +186,8 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
 
     corpus = path / "corpus.jsonl"
 
-    def corpus_done() -> bool:
-        manifest = corpus.with_name(corpus.name + ".manifest.json")
-        return manifest.is_file() and json.loads(manifest.read_text()).get("finished", False)
-
     def generate_phase():
-        from .generate import Decoding, generate_corpus
+        from .generate import Decoding, generate_corpus, manifest_path
         from .subspace import Subspace
 
         sub = Subspace.load(subspace_file) if config.method == "spd" else None
@@ -195,10 +196,12 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
                         decoding=Decoding.make(METHOD_DECODING[config.method]),
                         max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                         seed=config.seed, model_name=config.model)
-        stats = json.loads(corpus.with_name(corpus.name + ".manifest.json").read_text())["stats"]
+        stats = json.loads(manifest_path(corpus).read_text())["stats"]
         return {"corpus": stats}
 
-    wd.phase("generate", corpus_done(), generate_phase, log)
+    from .generate import corpus_finished
+
+    wd.phase("generate", corpus_finished(corpus), generate_phase, log)
 
     train_dir = path / "train"
     adapter = train_dir / "adapter"

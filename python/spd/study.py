@@ -181,10 +181,6 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
 
 
 # -- collecting ----------------------------------------------------------------------------------
-def _eval_file(workdir: Path, label: str, task: str) -> Path:
-    return Path(workdir) / "eval" / label / f"{task.replace(':', '_')}.json"
-
-
 def per_example(result: dict) -> tuple[list[str], list[float]]:
     """(ids, values) of one evaluation: 1/0 correctness, or the NLL (examples without one dropped)."""
     if result["metric"] == "nll":
@@ -194,7 +190,9 @@ def per_example(result: dict) -> tuple[list[str], list[float]]:
 
 
 def load_eval(workdir: Path, label: str, task: str) -> dict | None:
-    path = _eval_file(workdir, label, task)
+    from .pipeline import eval_path
+
+    path = eval_path(workdir, label, task)
     if not path.is_file():
         return None
     return json.loads(path.read_text())
@@ -205,12 +203,12 @@ def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
     and cap hits (cached in ``<workdir>/corpus_quality.json`` by corpus hash)."""
     from ._io import file_sha256
     from .evaluate import read_predictions, score_predictions
+    from .generate import corpus_finished
     from .tasks import get_task
 
     wd = run.workdir(settings.root)
     corpus = wd / "corpus.jsonl"
-    manifest = wd / "corpus.jsonl.manifest.json"
-    if not manifest.is_file() or not json.loads(manifest.read_text()).get("finished"):
+    if not corpus_finished(corpus):
         return None
     digest = file_sha256(corpus)
     cache = wd / "corpus_quality.json"
@@ -264,9 +262,10 @@ def collect(settings: StudySettings) -> dict:
                 vectors[(run.key, task)] = dict(zip(ids, values))
             manifest = wd / "manifest.json"
             if manifest.is_file():
-                phases = json.loads(manifest.read_text()).get("phases", {})
+                doc = json.loads(manifest.read_text())
+                phases = doc.get("phases", {})
                 entry["seconds"] = {k: v.get("seconds") for k, v in phases.items() if v.get("seconds") is not None}
-                entry["versions"] = json.loads(manifest.read_text()).get("versions")
+                entry["versions"] = doc.get("versions")
             if run.method != "base":
                 try:
                     entry["corpus"] = corpus_quality(settings, run)
