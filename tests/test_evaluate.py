@@ -254,6 +254,42 @@ def independent_nll(model, tok, prompt: str, reference: str) -> float:
                  / len(ref_ids))
 
 
+def test_interrupted_evaluation_resumes_from_its_partial_file(tiny, tmp_path, monkeypatch):
+    import spd.generate
+
+    model, tok = tiny
+    task = get_task("arith")
+    examples = task.load(n=7, split="test")
+    opts = {"batch_size": 2, "max_new_tokens": 6, "progress": False}
+    whole = evaluate(model, tok, task, examples, **opts)
+    partial = tmp_path / "eval" / "arith.json.partial.jsonl"
+    real, calls, kill_at = spd.generate.generate_batch, [], [3]
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls.append(list(args[3]))
+        if len(calls) == kill_at[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spd.generate, "generate_batch", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tok, task, examples, partial=partial, identity={"adapter": "a"}, **opts)
+    kill_at[0] = 0
+    kept = [json.loads(line)["id"] for line in partial.read_text().splitlines()]
+    assert kept == calls[0] + calls[1]  # the two finished batches, in order
+    with partial.open("a") as fh:  # killed in the middle of a write
+        fh.write('{"id": "torn')
+    calls.clear()
+    resumed = evaluate(model, tok, task, examples, partial=partial, identity={"adapter": "a"}, **opts)
+    assert not {i for batch in calls for i in batch} & set(kept) and len(calls) == 2  # only the two batches left
+    assert resumed["records"] == whole["records"]
+    # another identity (e.g. another adapter) does not reuse the file
+    calls.clear()
+    again = evaluate(model, tok, task, examples, partial=partial, identity={"adapter": "b"}, **opts)
+    assert len(calls) == 4 and again["records"] == whole["records"]
+    assert len(partial.read_text().splitlines()) == 7
+
+
 def test_codealpaca_nll_matches_an_independent_recomputation(tiny, tmp_path):
     model, tok = tiny
     task = get_task("codealpaca")
@@ -379,6 +415,7 @@ def test_cli_model_and_adapter(tiny_dir, tmp_path):
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "lora.json"))
     assert [r["completion"] for r in a["records"]] == [r["completion"] for r in b["records"]]
     assert b["source"]["adapter"] == str(adapter) and a["n"] == 3
+    assert not list(tmp_path.glob("*.partial.jsonl"))  # removed once the result is saved
     for bad, message in ((tmp_path / "missing", "adapter folder does not exist"),
                          (tmp_path, "not a PEFT adapter folder")):
         result = CliRunner().invoke(cli, common + ["--adapter", str(bad), "--out", str(tmp_path / "x.json")])

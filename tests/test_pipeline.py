@@ -75,6 +75,7 @@ def test_spd_run_resumes_after_an_interruption_in_every_phase(tiny_dir, tmp_path
                 run(config(tiny_dir), workdir, log=lambda *a: None)
     run(config(tiny_dir), workdir, log=lambda *a: None)
     assert scores(workdir) == want
+    assert not list(workdir.rglob("*.partial.jsonl"))  # each evaluation's partial file went with its result
     assert (workdir / "corpus.jsonl").read_bytes() == (reference / "corpus.jsonl").read_bytes()
     got, ref = (Subspace.load(w / "subspace.safetensors") for w in (workdir, reference))
     assert got.metadata == ref.metadata and all(torch.equal(got.bases[s], ref.bases[s]) for s in ref.sites)

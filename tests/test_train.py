@@ -207,6 +207,21 @@ def test_resume_equals_uninterrupted(tiny_dir, tok, corpus, tmp_path):
     assert [e["loss"] for e in resumed.info["loss_history"]] == [e["loss"] for e in whole.info["loss_history"]]
 
 
+def test_timed_checkpoints_between_step_intervals(tiny_dir, tok, corpus, tmp_path):
+    """With a step interval longer than the run, ``save_minutes`` still leaves a checkpoint to resume from."""
+    opts = dict(FAST, save_steps=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(tiny_dir), tok, corpus, tmp_path / "timed", save_minutes=1e-9, callbacks=[Kill(3)], **opts)
+    assert sorted(p.name for p in (tmp_path / "timed" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    resumed = train(fresh(tiny_dir), tok, corpus, tmp_path / "timed", **opts)
+    assert resumed.info["resumed_from"] == "checkpoint-3" and resumed.info["global_step"] == 12
+    untimed = train(fresh(tiny_dir), tok, corpus, tmp_path / "untimed", save_minutes=None, **opts)
+    assert untimed.info["resumed_from"] is None
+    assert [p.name for p in (tmp_path / "untimed" / "checkpoints").iterdir()] == ["checkpoint-12"]  # the end only
+    with pytest.raises(SpdError, match="--save-minutes"):
+        train(fresh(tiny_dir), tok, corpus, tmp_path / "bad", save_minutes=0, **opts)
+
+
 def test_merge_writes_a_plain_model(tiny_dir, tok, corpus, tmp_path):
     out = tmp_path / "m"
     result = train(fresh(tiny_dir), tok, corpus, out, **FAST, completion_only=True, merge=True,

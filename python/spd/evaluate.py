@@ -40,9 +40,12 @@ its record's own ``task_id``/``ID``/``id`` field, else its 0-based line number i
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from ._io import atomic_file
@@ -231,10 +234,15 @@ def _run_mbpp(task, examples, records, *, progress, workers, limits) -> None:
 
 # -- evaluation with a model --------------------------------------------------------------------
 def evaluate(model, tokenizer, task, examples, *, batch_size: int = 8, max_new_tokens: int | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, partial: str | Path | None = None, identity: dict | None = None) -> dict:
     """Evaluate ``model`` on ``examples`` of ``task``: greedy completions scored with the task's
     metric, or, for CodeAlpaca, the NLL of the reference outputs. Returns the result dict (see
-    ``score_predictions``; records also hold ``n_tokens`` and ``stop``)."""
+    ``score_predictions``; records also hold ``n_tokens`` and ``stop``).
+
+    ``partial``: a JSONL file that keeps each finished batch's completions, so an interrupted
+    evaluation continues where it stopped when called again with the same examples, settings,
+    model weights and ``identity`` (e.g. the adapter's hash; anything else starts over). The
+    caller deletes it once the result is saved."""
     examples = list(examples)
     if not examples:
         raise SpdError(f"no {task.name} examples to evaluate")
@@ -255,18 +263,34 @@ def evaluate(model, tokenizer, task, examples, *, batch_size: int = 8, max_new_t
     tokenized = {ex.id: prompt_ids(tokenizer, task.prompt(ex)) for ex in examples}
     position = {i: n for n, i in enumerate(ids)}
     order = sorted(ids, key=lambda i: (-len(tokenized[i]), position[i]))  # similar lengths together
-    outputs: dict[str, tuple[str, int, str]] = {}
+    key = _partial_key(model, task, ids, max_new_tokens, batch_size, identity) if partial is not None else ""
+    if partial is not None:
+        partial = Path(partial)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    outputs = _read_partial(partial, key) if partial is not None else {}
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(ids), desc=f"evaluate {task.name}", unit="prompt", disable=not progress)
+    bar = tqdm(total=len(ids), initial=len(outputs), desc=f"evaluate {task.name}", unit="prompt",
+               disable=not progress)
     try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            got = generate_batch(model, tokenizer, [tokenized[i] for i in batch], batch,
-                                 decoding=Decoding.make("greedy"), max_new_tokens=max_new_tokens, seed=0,
-                                 stop_strings=task.stop_strings)
-            outputs.update(zip(batch, got))
-            bar.update(len(batch))
+        with open(partial, "a", encoding="utf-8") if partial is not None else contextlib.nullcontext() as fh:
+            for batch in batches:
+                if all(i in outputs for i in batch):
+                    continue
+                # a whole batch again: the same batch composition gives the same greedy completions
+                got = generate_batch(model, tokenizer, [tokenized[i] for i in batch], batch,
+                                     decoding=Decoding.make("greedy"), max_new_tokens=max_new_tokens, seed=0,
+                                     stop_strings=task.stop_strings)
+                new = {i: out for i, out in zip(batch, got) if i not in outputs}
+                outputs.update(new)
+                if fh is not None:
+                    fh.write("".join(json.dumps({"id": i, "key": key, "completion": text, "n_tokens": count,
+                                                 "stop": stop}, ensure_ascii=False) + "\n"
+                                     for i, (text, count, stop) in new.items()))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                bar.update(len(new))
     finally:
         bar.close()
         model.train(was_training)
@@ -275,6 +299,35 @@ def evaluate(model, tokenizer, task, examples, *, batch_size: int = 8, max_new_t
         rec["n_tokens"], rec["stop"] = outputs[rec["id"]][1], outputs[rec["id"]][2]
     result["config"] = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     return _records_last(result)
+
+
+def _partial_key(model, task, ids, max_new_tokens, batch_size, identity) -> str:
+    """What a partial evaluation file's completions depend on, hashed."""
+    from .arch import get_adapter
+    from .subspace import weights_fingerprint
+
+    return hashlib.sha256(json.dumps({
+        "task": task.name, "ids": ids, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "stop_strings": list(task.stop_strings), "identity": identity or {},
+        "weights": weights_fingerprint(model, range(get_adapter(model).n_layers)),
+    }, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_partial(path: Path, key: str) -> dict[str, tuple[str, int, str]]:
+    """The completions a partial file holds for ``key``; a file made for anything else is emptied."""
+    from .generate import read_done
+
+    try:
+        done = read_done(path)
+    except SpdError:  # not a partial evaluation file
+        done = None
+    if done is None or any(rec.get("key") != key for rec in done.values()):
+        log.warning("%s was written by another evaluation: starting over", path)
+        path.write_text("")
+        return {}
+    if done:
+        log.info("%s: resuming after %d finished examples", path, len(done))
+    return {i: (rec["completion"], rec["n_tokens"], rec["stop"]) for i, rec in done.items()}
 
 
 def _records_last(result: dict) -> dict:
@@ -361,6 +414,22 @@ def save_results(result: dict, path) -> Path:
     return path
 
 
+def partial_path(out) -> Path:
+    """Where the evaluation written to ``out`` keeps its finished batches until it is saved."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+def adapter_hash(folder) -> str | None:
+    """sha256 of an adapter folder's weights file (None for no adapter)."""
+    if folder is None:
+        return None
+    from ._io import file_sha256
+
+    weights = sorted(Path(folder).glob("adapter_model.*"))
+    return file_sha256(weights[0]) if weights else None
+
+
 def check_adapter_folder(path) -> Path:
     """``path`` as a Path; SpdError unless it is a folder with an ``adapter_config.json``."""
     folder = Path(path).expanduser()
@@ -412,12 +481,15 @@ def run_eval(task: str, out, *, model: str | None = None, adapter=None, predicti
         mdl, tok = load(model, dtype=dtype, device=device)
         if adapter is not None:
             mdl = load_adapter(mdl, adapter)
+        partial = partial_path(out)
         result = evaluate(mdl, tok, task_obj, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          progress=progress)
+                          progress=progress, partial=partial, identity={"adapter": adapter_hash(adapter)})
     result["source"] = {"model": model, "adapter": str(adapter) if adapter else None,
                         "predictions": str(predictions) if predictions else None,
                         "data": str(data) if data else None, "seed": seed}
     save_results(_records_last(result), out)
+    if predictions is None:
+        partial.unlink(missing_ok=True)
     return result
 
 

@@ -222,7 +222,13 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
 
 
 def _evaluate(model, tok, name: str, out: Path, config: RunConfig, adapter: Path | None) -> dict:
-    from .evaluate import evaluate, load_eval_examples, save_results
+    from .evaluate import (
+        adapter_hash,
+        evaluate,
+        load_eval_examples,
+        partial_path,
+        save_results,
+    )
     from .tasks import get_task
 
     task = get_task(name)
@@ -236,9 +242,12 @@ def _evaluate(model, tok, name: str, out: Path, config: RunConfig, adapter: Path
         with warnings.catch_warnings():  # peft 0.21 reads a deprecated transformers attribute
             warnings.simplefilter("ignore", FutureWarning)
             model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    partial = partial_path(out)
     result = evaluate(model, tok, task, examples, batch_size=config.batch_size,
-                      max_new_tokens=config.eval_max_new_tokens)
+                      max_new_tokens=config.eval_max_new_tokens, partial=partial,
+                      identity={"model": config.model, "adapter": adapter_hash(adapter)})
     save_results(result, out)
+    partial.unlink(missing_ok=True)
     return {"score": result["score"], "metric": result["metric"], "n": result["n"]}
 
 

@@ -376,8 +376,17 @@ def render(collected: dict, *, plot: str | None = None) -> str:
             lines.append("")
     if plot:
         lines += [f"![scores]({plot})", ""]
-    lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in st.items() if k not in ("extra",)), ""]
+    lines += ["Settings: " + ", ".join(f"{k}={_setting(k, v)}" for k, v in st.items() if k != "extra"), ""]
     return "\n".join(lines)
+
+
+def _setting(key: str, value) -> str:
+    """A settings value as the study command takes it (lists comma-joined, the root relative)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if key == "root" and Path(value).is_absolute() and Path(value).is_relative_to(Path.cwd()):
+        return Path(value).relative_to(Path.cwd()).as_posix()
+    return str(value)
 
 
 def refresh_document(path: Path, body: str) -> Path:

@@ -9,8 +9,10 @@ with plain next-token loss through transformers' ``Trainer`` on a PEFT LoRA adap
   padding is never a target. The loss is the mean over the target tokens of each optimizer step
   (the Trainer's ``num_items_in_batch`` normalisation, also across gradient-accumulation steps and
   processes), i.e. eq. 14's sum up to a constant factor.
-* resumable: checkpoints go to ``out/checkpoints/``; re-running the same call continues from the
-  newest complete one (optimizer, scheduler, RNG and data position included).
+* resumable: checkpoints go to ``out/checkpoints/`` every ``save_steps`` optimizer steps and, in
+  a single process, also whenever ``save_minutes`` of training passed since the last one (a slow
+  CPU step count can span an hour); re-running the same call continues from the newest complete
+  one (optimizer, scheduler, RNG and data position included).
 * output: ``out/adapter/`` (a standard PEFT adapter, written atomically), ``out/train.json``
   (configuration, corpus and its manifest, examples used/dropped, loss history, versions), and
   with ``merge=True`` ``out/merged/``, a plain transformers checkpoint with the adapter folded in.
@@ -465,13 +467,14 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
           drop_trivial: bool = False, seed: int = 42, weight_decay: float = 0.01, lr_scheduler: str = "cosine",
           warmup_ratio: float = 0.0, max_grad_norm: float = 1.0, max_steps: int | None = None,
           gradient_checkpointing: bool | None = None, bf16: bool | None = None, merge: bool = False,
-          save_steps: int = 100,
+          save_steps: int = 100, save_minutes: float | None = 5.0,
           save_total_limit: int = 2, logging_steps: int | None = None, model_name: str | None = None,
           progress: bool = True, callbacks=()) -> TrainResult:
     """LoRA-distill ``model`` on ``corpus`` into ``out_dir`` (resumes an interrupted run there).
 
     Defaults are the paper's (SPEC section 5). ``max_steps`` caps the optimizer steps (else
-    ``epochs``); ``save_steps`` is the checkpoint interval in optimizer steps; ``callbacks`` are
+    ``epochs``); ``save_steps`` is the checkpoint interval in optimizer steps, ``save_minutes`` the
+    longest training time between checkpoints (single process; None: steps only); ``callbacks`` are
     extra ``transformers.TrainerCallback`` objects. Refused while a projection is active on
     ``model``. A finished run with the same configuration is not redone (``merge`` is still
     honoured); a different one in ``out_dir`` is an error.
@@ -487,6 +490,8 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     opts.validate()
     if save_steps < 1 or save_total_limit < 1:
         raise SpdError("--save-steps and the checkpoint limit must be >= 1")
+    if save_minutes is not None and not save_minutes > 0:
+        raise SpdError(f"--save-minutes must be > 0, got {save_minutes}")
     if _is_projecting(model):
         raise SpdError("a projection is active on this model: training runs on the unmodified model; "
                        "leave the `project(...)` context first")
@@ -581,8 +586,9 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     with _quiet_peft():
         peft_model = get_peft_model(model, lora)
     try:
+        timed = [save_every(save_minutes * 60)] if save_minutes is not None and world == 1 else []
         trainer = Trainer(model=peft_model, args=args, train_dataset=_Examples(items),
-                          data_collator=Collator(pad_id(tokenizer)), callbacks=list(callbacks))
+                          data_collator=Collator(pad_id(tokenizer)), callbacks=timed + list(callbacks))
         if not progress:
             trainer.remove_callback(PrinterCallback)
         info = {"finished": False, "config": identity, "model": model_name or getattr(model, "spd_name", None),
@@ -624,6 +630,24 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
         result_model = peft_model.merge_and_unload()
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, adapter_dir, merged_dir if merge else None, result_model, info)
+
+
+def save_every(seconds: float):
+    """A ``TrainerCallback`` that asks for a checkpoint once ``seconds`` of training passed without one."""
+    from transformers import TrainerCallback
+
+    class SaveEvery(TrainerCallback):
+        def __init__(self):
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.last >= seconds:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+    return SaveEvery()
 
 
 def _after_training(model, use_cache) -> None:
