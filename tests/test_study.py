@@ -90,7 +90,8 @@ def test_run_study_skips_complete_runs_and_stops_when_interrupted(tmp_path, monk
         run_study(st, only=["nothing-like-this"], dry_run=True, log=lambda *_: None)
 
 
-def test_collect_and_render(tmp_path):
+def test_collect_and_render(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the document shows paths under the working directory relative
     st = StudySettings(root=tmp_path, models=("m",), domains=("math", "code"), ood=False, ablation=False)
     by_key = {r.key: r for r in st.runs()}
     gold = [1, 0, 1, 0, 0, 1, 0, 0, 1, 0]
@@ -103,7 +104,9 @@ def test_collect_and_render(tmp_path):
           [0.6, 0.5, 0.8], metric="nll")
     (by_key["math/spd"].workdir(tmp_path) / "results.json").write_text("{}")
     (by_key["math/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
-        {"phases": {"generate": {"status": "complete", "seconds": 120.0}, "train": {"seconds": 60}}}))
+        {"phases": {"generate": {"status": "complete", "seconds": 120.0, "machine": "cpu A"},
+                    "train": {"seconds": 60, "machine": "gpu B"}},
+         "versions": {"spd": "0.1.0", "torch": "2.13.0", "machine": "cpu A", "spd_ext": {"loaded": True}}}))
     got = collect(st)
     m = got["models"]["m"]
     assert m["runs"]["math/spd"]["complete"] and not m["runs"]["math/psr"]["complete"]
@@ -117,6 +120,10 @@ def test_collect_and_render(tmp_path):
     assert "| SPD (ours) |" in text and "80.0 [" in text and "| SPD (paper) |" in text and "22 |" in text
     assert "math/spd vs math/base" in text and "generate 2.0" in text and "![scores](results.png)" in text
     assert "…" in text  # unfinished cells are marked, not invented
+    assert "| 3.0 | cpu A; gpu B |" in text  # the machines its phases ran on
+    assert "Versions (all runs so far): spd 0.1.0, torch 2.13.0, spd_ext compiled." in text
+    assert "spd run --model m --task gsm8k --method spd --workdir m/math/spd " in text
+    assert str(tmp_path) not in text
     json.dumps(got)  # the collected numbers are plain JSON
 
 

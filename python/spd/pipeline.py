@@ -14,6 +14,7 @@ Every artifact is written atomically, so a run killed in any phase resumes with 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 import warnings
@@ -124,7 +125,7 @@ class Workdir:
         started = time.perf_counter()
         extra = run() or {}
         self.manifest["phases"][name] = {"status": "complete", "seconds": round(time.perf_counter() - started, 1),
-                                         **extra}
+                                         "machine": machine(), **extra}
         self.save()
 
 
@@ -133,10 +134,31 @@ def eval_path(workdir: str | Path, label: str, task: str) -> Path:
     return Path(workdir) / "eval" / label / f"{task.replace(':', '_')}.json"
 
 
+def machine() -> str:
+    """This machine in a few words (CPU model, usable cores, memory, GPU), as wall times are read."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+        flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+        cpu += " with AMX" if "amx_bf16" in flags else ""
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        memory = ""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {cores} cores{memory}, {gpu}"
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
-    out = {"spd": __version__, "python": platform.python_version()}
+    out = {"spd": __version__, "python": platform.python_version(), "machine": machine()}
     for dist in ("torch", "transformers", "peft"):
         try:
             out[dist] = md.version(dist)

@@ -250,7 +250,7 @@ def collect(settings: StudySettings) -> dict:
             wd = run.workdir(settings.root)
             label = "base" if run.method == "base" else run.method
             entry = {"key": run.key, "method": run.method, "complete": is_complete(wd), "scores": {},
-                     "command": " ".join(settings.command(run))}
+                     "command": " ".join(_shown(a) for a in settings.command(run))}
             tasks = DOMAINS[run.domain]
             for task in tasks:
                 res = load_eval(wd, label, task)
@@ -266,6 +266,9 @@ def collect(settings: StudySettings) -> dict:
                 phases = doc.get("phases", {})
                 entry["seconds"] = {k: v.get("seconds") for k, v in phases.items() if v.get("seconds") is not None}
                 entry["versions"] = doc.get("versions")
+                entry["machines"] = sorted({v["machine"] for v in phases.values() if v.get("machine")}
+                                           or ({entry["versions"]["machine"]} if (entry["versions"] or {}).get("machine")
+                                               else set()))
             if run.method != "base":
                 try:
                     entry["corpus"] = corpus_quality(settings, run)
@@ -369,24 +372,51 @@ def render(collected: dict, *, plot: str | None = None) -> str:
         timed = [(k, r["seconds"]) for k, r in runs.items() if r.get("seconds")]
         if timed:
             lines += ["Wall time per phase (minutes; base evaluations are done once per domain and reused):", "",
-                      "| run | phases | total |", "|---|---|---|"]
+                      "| run | phases | total | machine |", "|---|---|---|---|"]
             for key, secs in timed:
                 phases = ", ".join(f"{k} {v / 60:.1f}" for k, v in secs.items())
-                lines.append(f"| {key} | {phases} | {sum(secs.values()) / 60:.1f} |")
+                where = "; ".join(runs[key].get("machines") or ["not recorded"])
+                lines.append(f"| {key} | {phases} | {sum(secs.values()) / 60:.1f} | {where} |")
             lines.append("")
+        lines += _provenance(runs)
     if plot:
         lines += [f"![scores]({plot})", ""]
     lines += ["Settings: " + ", ".join(f"{k}={_setting(k, v)}" for k, v in st.items() if k != "extra"), ""]
     return "\n".join(lines)
 
 
+def _provenance(runs: dict) -> list[str]:
+    """The software versions of the finished phases and each run's `spd run` command (markdown)."""
+    by_versions: dict[str, list[str]] = {}
+    for key, r in runs.items():
+        if r.get("seconds") and r.get("versions"):
+            v = {k: x for k, x in r["versions"].items() if k != "machine"}
+            ext = v.pop("spd_ext", None) or {}
+            text = ", ".join(f"{k} {x}" for k, x in v.items()) + \
+                f", spd_ext {'compiled' if ext.get('loaded') else 'not loaded'}{' (CUDA)' if ext.get('cuda') else ''}"
+            by_versions.setdefault(text, []).append(key)
+    lines = []
+    for text, keys in by_versions.items():
+        which = "all runs so far" if len(by_versions) == 1 else ", ".join(keys)
+        lines += [f"Versions ({which}): {text}.", ""]
+    lines += ["<details><summary>The <code>spd run</code> command of each run</summary>", "", "```"]
+    lines += [r["command"] for r in runs.values()]
+    return lines + ["```", "", "</details>", ""]
+
+
+def _shown(value) -> str:
+    """A path under the working directory as a relative one (the document is read elsewhere)."""
+    path = Path(str(value))
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return path.relative_to(Path.cwd()).as_posix()
+    return str(value)
+
+
 def _setting(key: str, value) -> str:
-    """A settings value as the study command takes it (lists comma-joined, the root relative)."""
+    """A settings value as the study command takes it (lists comma-joined, paths relative)."""
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
-    if key == "root" and Path(value).is_absolute() and Path(value).is_relative_to(Path.cwd()):
-        return Path(value).relative_to(Path.cwd()).as_posix()
-    return str(value)
+    return _shown(value) if key == "root" else str(value)
 
 
 def refresh_document(path: Path, body: str) -> Path:
