@@ -86,9 +86,12 @@ def test_stop_strings_cut_the_completion(tiny, monkeypatch):
     import spd.generate as g
 
     model, tok = tiny
-    text, n, stop = g._finish(tok, tok("abc END def", add_special_tokens=False)["input_ids"], [tok.eos_token_id],
-                              ("END",), 50)
+    upto = tok("abc END", add_special_tokens=False)["input_ids"]
+    after = tok(" def", add_special_tokens=False)["input_ids"]
+    pad = tok.convert_tokens_to_ids(tok.tokenize("x"))[0]  # what generate appends to a finished row
+    text, n, stop = g._finish(tok, upto + after + [pad] * 7, [tok.eos_token_id], ("END",), 50)
     assert text == "abc END" and stop == "stop_string"
+    assert n == len(upto)  # the tokens generated until the stop string, not the padded row
 
 
 def corpus_lines(path):

@@ -14,7 +14,7 @@ from spd import SpdError
 from spd import models
 from spd.arch import get_adapter
 from spd.chat import answer
-from spd.models import ALIASES, PackagedGGUF, converted_gguf_dir, load, resolve
+from spd.models import ALIASES, PackagedGGUF, converted_gguf_dir, load, load_tokenizer, resolve
 
 
 def test_default_model_loads_end_to_end(default_model):
@@ -59,15 +59,18 @@ def test_local_folder_with_dtype(tiny_llama_dir):
     assert get_adapter(model).d_kv == 16
     ids = tok("hello", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(ids).logits.float()).all()
+    alone = load_tokenizer(str(tiny_llama_dir))  # the same tokenizer without the weights
+    assert alone.get_vocab() == tok.get_vocab() and alone.pad_token == tok.pad_token is not None
 
 
 @pytest.mark.parametrize("ref, message", [
     ("no-such-alias", "unknown model 'no-such-alias'"),
     ("missing.gguf", "does not exist"),
 ])
-def test_bad_references_are_one_line_errors(tmp_path, ref, message):
+@pytest.mark.parametrize("loader", [load, load_tokenizer])
+def test_bad_references_are_one_line_errors(tmp_path, ref, message, loader):
     with pytest.raises(SpdError, match=message) as err:
-        load(str(tmp_path / ref) if ref.endswith(".gguf") else ref)
+        loader(str(tmp_path / ref) if ref.endswith(".gguf") else ref)
     assert "\n" not in str(err.value)
 
 

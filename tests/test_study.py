@@ -139,8 +139,14 @@ def test_refresh_document_keeps_hand_written_text(tmp_path):
 
 
 @needs_data
-def test_corpus_quality_scores_the_corpus_against_the_gold_answers(tmp_path):
+def test_corpus_quality_scores_the_corpus_against_the_gold_answers(tmp_path, monkeypatch):
+    import spd.models
     from spd.tasks import get_task
+
+    def words(text, add_special_tokens):  # a stand-in tokenizer: one token per word
+        return {"input_ids": text.split()}
+
+    monkeypatch.setattr(spd.models, "load_tokenizer", lambda name: words)
 
     st = StudySettings(root=tmp_path, models=("m",), domains=("math",), n_train=6, ood=False, ablation=False)
     run = next(r for r in st.runs() if r.key == "math/psr")
@@ -158,5 +164,5 @@ def test_corpus_quality_scores_the_corpus_against_the_gold_answers(tmp_path):
     (wd / "corpus.jsonl.manifest.json").write_text(json.dumps({"finished": True}))
     q = corpus_quality(st, run)
     assert q["accuracy"]["mean"] == pytest.approx(4 / 6) and q["n"] == 6 and q["hit_cap"] == 1
-    assert q["mean_tokens"] == pytest.approx(12.5)
+    assert q["mean_tokens"] == pytest.approx(5)  # counted from the text ("So the answer is N."), not n_tokens
     assert json.loads((wd / "corpus_quality.json").read_text())["corpus_sha256"] == q["corpus_sha256"]

@@ -124,6 +124,19 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return eos
 
 
+def _tokens_for(tokenizer, tokens: list[int], n_chars: int) -> int:
+    """The fewest leading ``tokens`` whose text has ``n_chars`` characters: the tokens a row had
+    generated when its stop string appeared (a stopped row is padded to the batch's length after)."""
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(tokens[:mid], skip_special_tokens=True)) >= n_chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def _finish(tokenizer, new_ids: list[int], eos: list[int], stops: tuple[str, ...], cap: int):
     """(completion text, number of tokens, stop reason) for one row of generated ids."""
     cut = next((i for i, t in enumerate(new_ids) if t in eos), None)
@@ -132,7 +145,8 @@ def _finish(tokenizer, new_ids: list[int], eos: list[int], stops: tuple[str, ...
     hits = [(text.find(s), s) for s in stops if s and s in text]
     if hits:
         at, stop = min(hits)
-        return text[: at + len(stop)], len(tokens), "stop_string"
+        text = text[: at + len(stop)]
+        return text, _tokens_for(tokenizer, tokens, len(text)), "stop_string"
     if cut is not None:
         return text, len(tokens), "eos"
     return text, len(tokens), "length" if len(tokens) >= cap else "eos"

@@ -207,6 +207,37 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _loading(name_or_path: str):
+    """The transformers folder (or hub id) of a model reference; load errors become one line."""
+    kind, where = resolve(name_or_path)
+    if kind in ("alias", "gguf"):
+        where = convert_gguf(Path(where))
+    try:
+        with _quiet_loading():
+            yield where
+    except OSError as exc:
+        if kind == "hub":
+            raise SpdError(f"could not load {name_or_path!r} from the hub (offline, or no such model): "
+                           f"{str(exc).splitlines()[0]}") from exc
+        raise SpdError(f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _tokenizer(where):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The tokenizer :func:`load` would return, without loading the weights."""
+    with _loading(name_or_path) as where:
+        return _tokenizer(where)
+
+
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
          device: str | None = None):
     """Load ``(model, tokenizer)`` in eval mode.
@@ -215,24 +246,13 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
     a ``.gguf`` file, or a hub id (needs network). ``device`` defaults to CUDA when available,
     ``dtype`` to float32 on CPU and bfloat16/float16 on GPU.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
-    kind, where = resolve(name_or_path)
-    if kind in ("alias", "gguf"):
-        where = convert_gguf(Path(where))
-    try:
-        with _quiet_loading():
-            tokenizer = AutoTokenizer.from_pretrained(where)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
-    except OSError as exc:
-        if kind == "hub":
-            raise SpdError(f"could not load {name_or_path!r} from the hub (offline, or no such model): "
-                           f"{str(exc).splitlines()[0]}") from exc
-        raise SpdError(f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    with _loading(name_or_path) as where:
+        tokenizer = _tokenizer(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
     model.to(device).eval()
     model.spd_name = name_or_path
     return model, tokenizer

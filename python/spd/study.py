@@ -198,12 +198,16 @@ def load_eval(workdir: Path, label: str, task: str) -> dict | None:
     return json.loads(path.read_text())
 
 
+QUALITY_VERSION = 2  # bump when corpus_quality's numbers change meaning (the cache is then redone)
+
+
 def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
     """Accuracy of the generated corpus against the training prompts' gold answers, mean length
     and cap hits (cached in ``<workdir>/corpus_quality.json`` by corpus hash)."""
     from ._io import file_sha256
     from .evaluate import read_predictions, score_predictions
     from .generate import corpus_finished
+    from .models import load_tokenizer
     from .tasks import get_task
 
     wd = run.workdir(settings.root)
@@ -214,7 +218,7 @@ def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
     cache = wd / "corpus_quality.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("corpus_sha256") == digest:
+        if cached.get("corpus_sha256") == digest and cached.get("version") == QUALITY_VERSION:
             return cached
     task = get_task(run.task)
     examples = task.load(split="train", n=settings.n_train, seed=settings.seed)
@@ -224,9 +228,12 @@ def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
     _, values = per_example(scored)
     from .stats import bootstrap_ci
 
-    out = {"corpus_sha256": digest, "task": task.name, "n": len(records),
+    # lengths from the completions' text (older corpora counted a stopped row's padding as tokens)
+    tokenizer = load_tokenizer(run.model)
+    lengths = [len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in records]
+    out = {"corpus_sha256": digest, "version": QUALITY_VERSION, "task": task.name, "n": len(records),
            "accuracy": bootstrap_ci(values, seed=settings.seed),
-           "mean_tokens": sum(r["n_tokens"] for r in records) / len(records),
+           "mean_tokens": sum(lengths) / len(records),
            "hit_cap": sum(r.get("stop") == "length" for r in records),
            "empty": sum(not r["completion"].strip() for r in records)}
     with atomic_file(cache, "w") as fh:
