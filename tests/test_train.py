@@ -303,6 +303,25 @@ def test_two_process_gloo_ddp_equals_one_process(tiny_dir, tok, corpus, tmp_path
     assert [e["loss"] for e in info["loss_history"]] == pytest.approx(losses, rel=1e-5)
 
 
+def test_micro_batches_equal_the_whole_batch(tiny_dir, tok, corpus, tmp_path):
+    """Batch 4 as 4 micro-batches of 1 (the CPU default: no padding computed) or 2 x 2 takes the same
+    optimizer steps as one padded batch of 4, also with a ragged last batch (13 examples)."""
+    opts = dict(epochs=2, lr=1e-2, lora_dropout=0.0, batch_size=4, save_steps=100, progress=False, bf16=False)
+    runs = {m: train(fresh(tiny_dir), tok, corpus, tmp_path / f"micro{m}", micro_batch_size=m, **opts)
+            for m in (4, 2, None)}
+    assert runs[None].info["micro_batch_size"] == 1 and runs[4].info["micro_batch_size"] == 4  # CPU default
+    assert runs[4].info["examples"]["used"] == 13 and runs[4].info["global_step"] == 8 == runs[None].info["global_step"]
+    whole = adapter_weights(tmp_path / "micro4")
+    for m in (2, None):
+        got = adapter_weights(tmp_path / f"micro{m}")
+        for key in whole:  # only the float summation order differs
+            torch.testing.assert_close(got[key], whole[key], rtol=0, atol=1e-5)
+        assert [e["loss"] for e in runs[m].info["loss_history"]] == pytest.approx(
+            [e["loss"] for e in runs[4].info["loss_history"]], rel=1e-5)
+    with pytest.raises(SpdError, match="--micro-batch-size must divide --batch-size 4"):
+        train(fresh(tiny_dir), tok, corpus, tmp_path / "bad", micro_batch_size=3, **opts)
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_precision_setting_is_recorded_and_not_left_on_the_model(tiny_dir, tok, corpus, tmp_path, bf16):
     """bf16 autocast is a training setting: the returned model computes in float32 like a reloaded one."""

@@ -207,13 +207,16 @@ def export(model, subspace, out, device, dtype):
               help="bfloat16 autocast. [default: bf16 models on a GPU; float32 models on CPUs with AMX]")
 @click.option("--save-steps", type=click.IntRange(1), default=100, show_default=True,
               help="Checkpoint every this many optimizer steps.")
+@click.option("--micro-batch-size", type=click.IntRange(1), default=None,
+              help="Examples per forward pass, gradients accumulated up to --batch-size (same optimizer steps). "
+                   "[default: 1 on a CPU (no padding computed), --batch-size on a GPU]")
 @click.option("--save-minutes", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
               help="Also checkpoint whenever this many minutes of training passed without one (one process).")
 @DEVICE_OPTION
 @DTYPE_OPTION
 def train(model, corpus, out, epochs, lr, lora_r, lora_alpha, lora_dropout, target_modules, batch_size, grad_accum,
           max_length, max_steps, completion_only, drop_trivial, merge, seed, gradient_checkpointing, bf16,
-          save_steps, save_minutes, device, dtype):
+          micro_batch_size, save_steps, save_minutes, device, dtype):
     """Phase 3: LoRA-distill the unmodified model on a corpus (resumes an interrupted run)."""
     from .models import load
     from .train import is_main_process, read_corpus, train as run_training, train_device
@@ -226,7 +229,7 @@ def train(model, corpus, out, epochs, lr, lora_r, lora_alpha, lora_dropout, targ
                           grad_accum=grad_accum, max_length=max_length, max_steps=max_steps,
                           completion_only=completion_only, drop_trivial=drop_trivial, merge=merge, seed=seed,
                           gradient_checkpointing=gradient_checkpointing, bf16=bf16, save_steps=save_steps,
-                          save_minutes=save_minutes, model_name=model)
+                          micro_batch_size=micro_batch_size, save_minutes=save_minutes, model_name=model)
     if is_main_process():
         ex = result.info["examples"]
         dropped = ex["lines"] - ex["used"]

@@ -467,14 +467,17 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
           drop_trivial: bool = False, seed: int = 42, weight_decay: float = 0.01, lr_scheduler: str = "cosine",
           warmup_ratio: float = 0.0, max_grad_norm: float = 1.0, max_steps: int | None = None,
           gradient_checkpointing: bool | None = None, bf16: bool | None = None, merge: bool = False,
-          save_steps: int = 100, save_minutes: float | None = 5.0,
+          micro_batch_size: int | None = None, save_steps: int = 100, save_minutes: float | None = 5.0,
           save_total_limit: int = 2, logging_steps: int | None = None, model_name: str | None = None,
           progress: bool = True, callbacks=()) -> TrainResult:
     """LoRA-distill ``model`` on ``corpus`` into ``out_dir`` (resumes an interrupted run there).
 
     Defaults are the paper's (SPEC section 5). ``max_steps`` caps the optimizer steps (else
     ``epochs``); ``save_steps`` is the checkpoint interval in optimizer steps, ``save_minutes`` the
-    longest training time between checkpoints (single process; None: steps only); ``callbacks`` are
+    longest training time between checkpoints (single process; None: steps only);
+    ``micro_batch_size`` the examples per forward pass, gradients accumulated up to ``batch_size``
+    (the same optimizer steps; default 1 on a CPU, where padding costs compute, else ``batch_size``);
+    ``callbacks`` are
     extra ``transformers.TrainerCallback`` objects. Refused while a projection is active on
     ``model``. A finished run with the same configuration is not redone (``merge`` is still
     honoured); a different one in ``out_dir`` is an error.
@@ -490,6 +493,9 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     opts.validate()
     if save_steps < 1 or save_total_limit < 1:
         raise SpdError("--save-steps and the checkpoint limit must be >= 1")
+    if micro_batch_size is not None and not (1 <= micro_batch_size <= opts.batch_size
+                                             and opts.batch_size % micro_batch_size == 0):
+        raise SpdError(f"--micro-batch-size must divide --batch-size {opts.batch_size}, got {micro_batch_size}")
     if save_minutes is not None and not save_minutes > 0:
         raise SpdError(f"--save-minutes must be > 0, got {save_minutes}")
     if _is_projecting(model):
@@ -559,11 +565,12 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     on_gpu = device.type == "cuda"
     if gradient_checkpointing is None:
         gradient_checkpointing = on_gpu
+    micro = micro_batch_size or (opts.batch_size if on_gpu else 1)
     if bf16 is None:
         bf16 = dtype == torch.bfloat16 if on_gpu else (dtype == torch.float32 and fast_bf16(device))
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), per_device_train_batch_size=opts.batch_size,
-        gradient_accumulation_steps=opts.grad_accum, num_train_epochs=opts.epochs,
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=opts.grad_accum * (opts.batch_size // micro), num_train_epochs=opts.epochs,
         max_steps=opts.max_steps or -1, learning_rate=opts.lr, weight_decay=opts.weight_decay,
         lr_scheduler_type=opts.lr_scheduler, warmup_steps=opts.warmup_ratio,  # < 1 is a ratio
         max_grad_norm=opts.max_grad_norm,
@@ -595,7 +602,7 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
                 "corpus": {"path": str(corpus.resolve()), "manifest": (manifest or {}).get("config"),
                            "manifest_finished": (manifest or {}).get("finished")},
                 "examples": counts, "global_batch": opts.batch_size * opts.grad_accum * world,
-                "gradient_checkpointing": bool(gradient_checkpointing), "bf16": bool(bf16),
+                "micro_batch_size": micro, "gradient_checkpointing": bool(gradient_checkpointing), "bf16": bool(bf16),
                 "versions": _versions()}
         if trainer.is_world_process_zero():
             out.mkdir(parents=True, exist_ok=True)
