@@ -1,6 +1,7 @@
 """Phase 2 generation engine: seeded decoding, stops, corpus resume, manifest checks, CLI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,6 +55,39 @@ def test_greedy_matches_plain_generate(tiny):
         eos = ref.index(tok.eos_token_id) if tok.eos_token_id in ref else len(ref)
         assert text == tok.decode(ref[:eos], skip_special_tokens=True) and n == eos
         assert stop == ("length" if eos == 12 else "eos")
+
+
+@pytest.mark.parametrize("preset", ["greedy", "ssd"])
+@pytest.mark.parametrize("backend", [None, "hook", "fused"])
+def test_dropping_finished_rows_equals_generate(tiny_dir, preset, backend):
+    """decode() drops each finished sequence from the batch and the KV cache; in float64 (no ties
+    from rounding) it gives the same completions as transformers' generate, which computes every
+    row to the end. The rows end at different steps: an end token, a stop string, the cap."""
+    from spd.project import project
+
+    from .test_project import random_subspace
+
+    model = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = [prompt_ids(tok, q) for q in ("Add 2 and 3.", "What is a cat? Explain in detail please.", "Hi",
+                                            "Count to ten, then stop.", "Name a colour.")]
+    ids = [f"p{k}" for k in range(len(prompts))]
+    ctx = project(model, random_subspace(model, seed=3), backend=backend) if backend else contextlib.nullcontext()
+    with ctx:
+        def run(shrink, stops=()):
+            return generate_batch(model, tok, prompts, ids, decoding=Decoding.make(preset), max_new_tokens=16,
+                                  seed=1, stop_strings=stops, shrink=shrink)
+
+        free = run(False)
+        # an extra end token: row 0's 6th token; a stop string: a piece of row 2's text
+        row0 = tok(free[0][0], add_special_tokens=False)["input_ids"]
+        model.generation_config.eos_token_id = [tok.eos_token_id, row0[min(5, len(row0) - 1)]]
+        text2 = free[2][0]
+        stops = (text2[len(text2) // 2:len(text2) // 2 + 3],) if len(text2.strip()) > 6 else ()
+        got, ref = run(True, stops), run(False, stops)
+    assert got == ref
+    if preset == "greedy":
+        assert len({stop for _, _, stop in got}) >= 2 and len({n for _, n, _ in got}) >= 3, got  # ended apart
 
 
 def test_sampling_depends_only_on_seed_and_id(tiny):

@@ -306,7 +306,8 @@ def test_two_process_gloo_ddp_equals_one_process(tiny_dir, tok, corpus, tmp_path
 def test_micro_batches_equal_the_whole_batch(tiny_dir, tok, corpus, tmp_path):
     """Batch 4 as 4 micro-batches of 1 (the CPU default: no padding computed) or 2 x 2 takes the same
     optimizer steps as one padded batch of 4, also with a ragged last batch (13 examples)."""
-    opts = dict(epochs=2, lr=1e-2, lora_dropout=0.0, batch_size=4, save_steps=100, progress=False, bf16=False)
+    opts = {"epochs": 2, "lr": 1e-2, "lora_dropout": 0.0, "batch_size": 4, "save_steps": 100, "progress": False,
+            "bf16": False}
     runs = {m: train(fresh(tiny_dir), tok, corpus, tmp_path / f"micro{m}", micro_batch_size=m, **opts)
             for m in (4, 2, None)}
     assert runs[None].info["micro_batch_size"] == 1 and runs[4].info["micro_batch_size"] == 4  # CPU default

@@ -3,7 +3,8 @@
 Sampling is done by a Gumbel-max logits processor with one random stream per (seed, prompt id,
 step), so a prompt's completion depends only on the seed and its id, never on which prompts share
 its batch. Prompts are left-padded, sorted by length and batched; each finished batch is appended
-to the corpus (JSONL) and flushed, and a re-run skips the ids already written. A sidecar manifest
+to the corpus (JSONL) and flushed, and a re-run skips the ids already written. Decoding drops a
+sequence from the batch (and the KV cache) as soon as it ends (:func:`decode`). A sidecar manifest
 records the configuration; running a different configuration against an existing corpus is an
 error, not a silent mix.
 """
@@ -77,6 +78,10 @@ class GumbelSampler:
     def __init__(self, seed: int, ids: list[str], prompt_width: int):
         self.bases = [_stream_seed(seed, i) for i in ids]
         self.prompt_width = prompt_width
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """The batch now holds only ``rows`` (finished sequences were dropped)."""
+        self.bases = [self.bases[r] for r in rows]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_width
@@ -154,8 +159,9 @@ def _finish(tokenizer, new_ids: list[int], eos: list[int], stops: tuple[str, ...
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[list[int]], ids: list[str], *, decoding: Decoding,
-                   max_new_tokens: int, seed: int, stop_strings=()) -> list[tuple[str, int, str]]:
-    """Completions for one batch of tokenized prompts (left-padded here)."""
+                   max_new_tokens: int, seed: int, stop_strings=(), shrink: bool = True) -> list[tuple[str, int, str]]:
+    """Completions for one batch of tokenized prompts (left-padded here): :func:`decode`, which
+    drops finished sequences from the batch, or with ``shrink=False`` transformers' ``generate``."""
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
@@ -176,14 +182,61 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], ids: list[str], *
             processors.append(TopPLogitsWarper(decoding.top_p))
         processors.append(GumbelSampler(seed, ids, width))
     eos = _eos_ids(model, tokenizer)
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=pad, num_beams=1)
     device = next(model.parameters()).device
     stopping = StoppingCriteriaList([StopOnText(tokenizer, tuple(stop_strings), width)] if stop_strings else [])
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                         generation_config=config, logits_processor=processors, stopping_criteria=stopping)
-    new = out[:, width:].tolist()
+    if shrink:
+        new = decode(model, input_ids.to(device), attention.to(device), processors=processors, stopping=stopping,
+                     eos=eos, max_new_tokens=max_new_tokens)
+    else:
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                  pad_token_id=pad, num_beams=1)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             generation_config=config, logits_processor=processors, stopping_criteria=stopping)
+        new = out[:, width:].tolist()
     return [_finish(tokenizer, row, eos, tuple(stop_strings), max_new_tokens) for row in new]
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, *, processors, stopping, eos: list[int],
+           max_new_tokens: int) -> list[list[int]]:
+    """Token-by-token decoding (argmax of the processed scores, as ``generate`` without sampling)
+    that drops each sequence from the batch, and its rows from the KV cache, once it ends (an end
+    token or a stopping criterion): the remaining steps run on the sequences still going, where
+    ``generate`` keeps computing every row until the last one ends. Returns the new token ids of
+    each row, up to and including its end token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    last_only = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
+    ends = torch.tensor(eos, device=input_ids.device)
+    mask = attention
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    sequences, step_ids, rows = input_ids, input_ids, list(range(input_ids.shape[0]))
+    new: list[list[int]] = [[] for _ in rows]
+    for step in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, **last_only).logits[:, -1].to(dtype=torch.float32, copy=True)
+        tokens = processors(sequences, logits).argmax(-1)
+        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+        for row, token in zip(rows, tokens.tolist()):
+            new[row].append(token)
+        done = torch.isin(tokens, ends)
+        if len(stopping):
+            done |= stopping(sequences, logits)
+        if step + 1 == max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        positions, step_ids = positions[:, -1:] + 1, tokens[:, None]
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            sequences, mask, positions, step_ids = sequences[keep], mask[keep], positions[keep], step_ids[keep]
+            kept = keep.tolist()
+            rows = [rows[k] for k in kept]
+            for processor in processors:
+                if hasattr(processor, "keep_rows"):
+                    processor.keep_rows(kept)
+    return new
 
 
 @dataclass
