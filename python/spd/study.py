@@ -273,9 +273,10 @@ def collect(settings: StudySettings) -> dict:
                 phases = doc.get("phases", {})
                 entry["seconds"] = {k: v.get("seconds") for k, v in phases.items() if v.get("seconds") is not None}
                 entry["versions"] = doc.get("versions")
-                entry["machines"] = sorted({v["machine"] for v in phases.values() if v.get("machine")}
-                                           or ({entry["versions"]["machine"]} if (entry["versions"] or {}).get("machine")
-                                               else set()))
+                machines = {v["machine"] for v in phases.values() if v.get("machine")}
+                if not machines and (entry["versions"] or {}).get("machine"):
+                    machines = {entry["versions"]["machine"]}  # a run from before phases recorded it
+                entry["machines"] = sorted(machines)
             if run.method != "base":
                 try:
                     entry["corpus"] = corpus_quality(settings, run)

@@ -477,8 +477,7 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     longest training time between checkpoints (single process; None: steps only);
     ``micro_batch_size`` the examples per forward pass, gradients accumulated up to ``batch_size``
     (the same optimizer steps; default 1 on a CPU, where padding costs compute, else ``batch_size``);
-    ``callbacks`` are
-    extra ``transformers.TrainerCallback`` objects. Refused while a projection is active on
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects. Refused while a projection is active on
     ``model``. A finished run with the same configuration is not redone (``merge`` is still
     honoured); a different one in ``out_dir`` is an error.
     """
