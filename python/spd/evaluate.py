@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from ._io import atomic_file
@@ -252,7 +251,13 @@ def evaluate(model, tokenizer, task, examples, *, batch_size: int = 8, max_new_t
         return reference_nll(model, tokenizer, task, examples, batch_size=batch_size, progress=progress)
     from tqdm.auto import tqdm
 
-    from .generate import Decoding, generate_batch, prompt_ids
+    from .generate import (
+        Decoding,
+        append_lines,
+        generate_batch,
+        length_batches,
+        prompt_ids,
+    )
 
     max_new_tokens = max_new_tokens or task.max_new_tokens
     if max_new_tokens < 1:
@@ -261,14 +266,12 @@ def evaluate(model, tokenizer, task, examples, *, batch_size: int = 8, max_new_t
     if len(set(ids)) != len(ids):
         raise SpdError(f"the {task.name} examples have duplicate ids: each example needs a unique id")
     tokenized = {ex.id: prompt_ids(tokenizer, task.prompt(ex)) for ex in examples}
-    position = {i: n for n, i in enumerate(ids)}
-    order = sorted(ids, key=lambda i: (-len(tokenized[i]), position[i]))  # similar lengths together
     key = _partial_key(model, task, ids, max_new_tokens, batch_size, identity) if partial is not None else ""
     if partial is not None:
         partial = Path(partial)
         partial.parent.mkdir(parents=True, exist_ok=True)
     outputs = _read_partial(partial, key) if partial is not None else {}
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = length_batches(tokenized, batch_size)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(ids), initial=len(outputs), desc=f"evaluate {task.name}", unit="prompt",
@@ -285,11 +288,9 @@ def evaluate(model, tokenizer, task, examples, *, batch_size: int = 8, max_new_t
                 new = {i: out for i, out in zip(batch, got) if i not in outputs}
                 outputs.update(new)
                 if fh is not None:
-                    fh.write("".join(json.dumps({"id": i, "key": key, "completion": text, "n_tokens": count,
-                                                 "stop": stop}, ensure_ascii=False) + "\n"
-                                     for i, (text, count, stop) in new.items()))
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                    append_lines(fh, [json.dumps({"id": i, "key": key, "completion": text, "n_tokens": count,
+                                                  "stop": stop}, ensure_ascii=False) + "\n"
+                                      for i, (text, count, stop) in new.items()])
                 bar.update(len(new))
     finally:
         bar.close()

@@ -309,6 +309,22 @@ def read_done(corpus: Path) -> dict[str, dict]:
     return done
 
 
+def length_batches(tokenized: dict[str, list[int]], batch_size: int) -> list[list[str]]:
+    """The ids of ``tokenized`` in batches, longest prompts first (similar lengths share a batch,
+    an out-of-memory shows at once); equal lengths keep their order, so the batches are the same
+    on every run."""
+    position = {i: n for n, i in enumerate(tokenized)}
+    order = sorted(tokenized, key=lambda i: (-len(tokenized[i]), position[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def append_lines(fh, lines: list[str]) -> None:
+    """Append JSONL lines and force them to disk: a kill loses at most the batch being written."""
+    fh.write("".join(lines))
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
 def generate_corpus(model, tokenizer, task, examples, out: str | Path, *, subspace=None, backend=None,
                     decoding: Decoding | None = None, max_new_tokens: int | None = None,
                     batch_size: int = 8, seed: int = 0, model_name: str | None = None,
@@ -345,10 +361,7 @@ def generate_corpus(model, tokenizer, task, examples, out: str | Path, *, subspa
     if set(done) - set(ids):
         raise SpdError(f"{out} holds ids that are not among the prompts: use another --out")
     tokenized = {i: prompt_ids(tokenizer, prompts[i]) for i in ids}
-    position = {i: n for n, i in enumerate(ids)}
-    order = sorted(ids, key=lambda i: (-len(tokenized[i]), position[i]))  # longest first: OOM early
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    todo = [b for b in batches if not all(i in done for i in b)]
+    todo = [b for b in length_batches(tokenized, batch_size) if not all(i in done for i in b)]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(ids), initial=len(done), desc=f"generate ({method})", unit="prompt",
@@ -371,9 +384,7 @@ def generate_corpus(model, tokenizer, task, examples, out: str | Path, *, subspa
                     lines.append(json.dumps({"id": i, "prompt": prompts[i], "completion": text, "method": method,
                                              "n_tokens": count, "stop": stop}, ensure_ascii=False) + "\n")
                     n_tokens += count
-            fh.write("".join(lines))
-            fh.flush()
-            os.fsync(fh.fileno())
+            append_lines(fh, lines)
             bar.update(len(lines))
             elapsed = time.perf_counter() - started
             bar.set_postfix(tok_s=f"{n_tokens / elapsed:.1f}")
