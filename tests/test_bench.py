@@ -99,3 +99,33 @@ def test_svd_exact_extrapolated_only_where_not_measured():
     assert out[3]["speedup_vs_exact"] == 80.0 / 16.0 and out[3]["exact_extrapolated_from"] == 100
     assert "speedup_vs_exact" not in out[4]  # no exact at that d
     assert "speedup_vs_exact" not in rows[3]  # inputs untouched
+
+
+def test_bench_train_tiny(tmp_path):
+    """The training benchmark at tiny sizes: one row per variant with the micro-batch size it says,
+    and the frozen weights cast once give the same adapter as casting every pass."""
+    from spd.models import ALIASES, DEFAULT_MODEL
+
+    if not ALIASES[DEFAULT_MODEL].installed():
+        pytest.skip("the tiny training benchmark uses the default model's tokenizer")
+    out, readme = tmp_path / "r.json", tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\n<!-- bench:train results -->\n")
+    res = CliRunner().invoke(cli, ["bench", "train", "--tiny", "--out", str(out), "--readme", str(readme)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    entry = json.loads(out.read_text())["benchmarks"]["train"]
+    rows = {r["variant"]: r for r in entry["rows"]}
+    assert list(rows) == ["padded", "micro", "micro_cast"]
+    assert rows["padded"]["micro_batch_size"] == entry["config"]["batch_size"] == 2
+    assert rows["micro"]["micro_batch_size"] == rows["micro_cast"]["micro_batch_size"] == 1
+    assert rows["micro"]["frozen_weights_bf16"] is False and rows["padded"]["frozen_weights_bf16"] is False
+    assert rows["micro_cast"]["frozen_weights_bf16"] is rows["micro_cast"]["bf16"]
+    assert rows["micro_cast"]["max_abs_diff_vs_micro"] == 0.0
+    for row in rows.values():
+        assert row["step_s"]["n"] == entry["config"]["steps"] and row["step_s_median"] > 0
+        assert row["speedup_vs_padded"] > 0
+    assert rows["padded"]["speedup_vs_padded"] == 1.0
+    assert "| micro_cast |" in readme.read_text()
+    with pytest.raises(ValueError, match="unknown variant"):
+        from spd.bench.train import run
+
+        run(tiny=True, variants=["fast"])

@@ -333,10 +333,72 @@ def test_precision_setting_is_recorded_and_not_left_on_the_model(tiny_dir, tok, 
                    progress=False, bf16=bf16)
     info = json.loads((tmp_path / "run" / "train.json").read_text())
     assert info["bf16"] is bf16 and info["gradient_checkpointing"] is False  # CPU default: off
+    assert info["frozen_weights_bf16"] is bf16  # float32 weights: cast once for the run
     got = logits(result.model, tok)
     assert got.dtype == torch.float32
     reloaded = PeftModel.from_pretrained(fresh(tiny_dir), tmp_path / "run" / "adapter").eval()
     torch.testing.assert_close(logits(reloaded, tok), got, rtol=0, atol=1e-5)
+
+
+def test_frozen_linears_held_in_bf16_compute_the_same_and_are_restored(tmp_path, tok):
+    """Inside ``bf16_frozen_linears`` frozen linear weights are bfloat16 copies (a tied output layer
+    included), trainable ones and embeddings stay float32; bf16-autocast logits are bit-identical;
+    on exit, also by an error, the original parameters (and the tie) are back."""
+    from spd.train import bf16_frozen_linears
+
+    model = LlamaForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "tied", tok, tie_word_embeddings=True),
+                                             dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    before = dict(model.named_parameters(remove_duplicate=False))
+    ids = torch.tensor([tok("What is 3 plus 4? The answer is 7.")["input_ids"]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids).logits
+        with bf16_frozen_linears(model) as n_cast:
+            inside = model(input_ids=ids).logits
+            assert model.lm_head.weight.dtype == torch.bfloat16 == model.model.layers[1].mlp.up_proj.weight.dtype
+            assert model.model.embed_tokens.weight.dtype == torch.float32 == trainable.dtype
+            assert model.model.layers[0].self_attn.q_proj.weight is trainable
+    assert n_cast == 2 * 7 + 1 - 1  # 7 linears per layer, the output layer, not the trainable one
+    torch.testing.assert_close(inside, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="boom"), bf16_frozen_linears(model):
+        raise RuntimeError("boom")
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_bf16_training_with_weights_cast_once_equals_casting_every_pass(tiny_dir, tok, corpus, tmp_path,
+                                                                        monkeypatch):
+    """Training in bf16 on float32 weights casts the frozen weights once per run (not per forward
+    pass): the same adapter, bit for bit, as letting autocast cast them every time."""
+    import contextlib
+
+    import spd.train
+    from transformers import TrainerCallback
+
+    class FrozenDtype(TrainerCallback):
+        def __init__(self):
+            self.seen = set()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.seen.add(model.get_submodule("base_model.model.model.layers.0.mlp.up_proj").weight.dtype)
+
+    opts = {"epochs": 1, "lr": 1e-2, "batch_size": 4, "progress": False, "bf16": True}
+    probe = FrozenDtype()
+    result = train(fresh(tiny_dir), tok, corpus, tmp_path / "once", callbacks=[probe], **opts)
+    assert probe.seen == {torch.bfloat16}
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}  # handed back as it came
+    monkeypatch.setattr(spd.train, "bf16_frozen_linears", lambda model, enabled=True: contextlib.nullcontext(0))
+    probe = FrozenDtype()
+    train(fresh(tiny_dir), tok, corpus, tmp_path / "every", callbacks=[probe], **opts)
+    assert probe.seen == {torch.float32}
+    once, every = adapter_weights(tmp_path / "once"), adapter_weights(tmp_path / "every")
+    assert once.keys() == every.keys() and once
+    for key in once:
+        torch.testing.assert_close(once[key], every[key], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------- CLI

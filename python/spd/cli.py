@@ -331,7 +331,7 @@ def report(workdirs, out, plot):
 
 @cli.group()
 def bench():
-    """Benchmarks: projection hook overhead, gradient capture, SVD (numbers, not tests)."""
+    """Benchmarks: projection hook overhead, gradient capture, SVD, training steps (numbers, not tests)."""
 
 
 def _bench_command(name, options, summary):
@@ -400,6 +400,20 @@ def bench_capture(quick, out, plot, readme, device, tiny, model, task, n, reps, 
 def bench_svd(quick, out, plot, readme, device, tiny, ms, ds, methods):
     _run_bench("svd", quick, out, plot, readme, device, tiny, Ms=_ints(ms), ds=_ints(ds),
                methods=methods.split(",") if methods else None)
+
+
+@_bench_command("train", [
+    click.option("--model", "-m", default=None, help="[default: the default model]"),
+    click.option("--task", "-t", default=None, help="Prompts and gold completions from this task. [default: mbpp]"),
+    click.option("--corpus", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="Train on this corpus.jsonl's first records instead (e.g. a generated one)."),
+    click.option("--steps", type=click.IntRange(1), default=None, help="Measured optimizer steps per run. [default: 5]"),
+    click.option("--reps", type=click.IntRange(1), default=None, help="Repetitions; the first is warm-up. [default: 3]"),
+    click.option("--variants", default=None, help="Comma-separated: padded, micro, micro_cast."),
+], "LoRA training: seconds per optimizer step and peak memory per speed setting (interleaved).")
+def bench_train(quick, out, plot, readme, device, tiny, model, task, corpus, steps, reps, variants):
+    _run_bench("train", quick, out, plot, readme, device, tiny, model=model, task=task, corpus=corpus,
+               steps=steps, reps=reps, variants=variants.split(",") if variants else None)
 
 
 def _subspace_table(sub) -> str:

@@ -456,6 +456,37 @@ def fast_bf16(device) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def bf16_frozen_linears(model, enabled: bool = True):
+    """Holds the frozen float32 weights and biases of ``model``'s linear layers as bfloat16 copies
+    inside the block and puts the originals back after it, even on error.
+
+    Under bf16 autocast a linear layer computes with a bfloat16 cast of its weight; autocast caches
+    that cast only for weights that take gradients, so a frozen weight is cast again on every
+    forward pass (on a CPU, 4 micro-batches per step recast every weight 4 times). Casting once
+    gives the same bfloat16 values, so the same results; LoRA weights and everything that autocast
+    keeps in float32 (norms, embeddings) are left alone. A weight tied to an embedding gets its own
+    copy; the tie is restored on exit.
+    """
+    swapped = []
+    try:
+        if enabled:
+            for module in model.modules():
+                if not isinstance(module, torch.nn.Linear):
+                    continue
+                for name in ("weight", "bias"):
+                    param = module._parameters.get(name)
+                    if param is None or param.requires_grad or param.dtype != torch.float32:
+                        continue
+                    swapped.append((module, name, param))
+                    module._parameters[name] = torch.nn.Parameter(param.detach().to(torch.bfloat16),
+                                                                  requires_grad=False)
+        yield len(swapped)
+    finally:
+        for module, name, param in reversed(swapped):
+            module._parameters[name] = param
+
+
 def _loss_history(log_history: list[dict]) -> list[dict]:
     keep = ("step", "epoch", "loss", "learning_rate", "grad_norm")
     return [{k: e[k] for k in keep if k in e} for e in log_history if "loss" in e]
@@ -602,14 +633,15 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
                            "manifest_finished": (manifest or {}).get("finished")},
                 "examples": counts, "global_batch": opts.batch_size * opts.grad_accum * world,
                 "micro_batch_size": micro, "gradient_checkpointing": bool(gradient_checkpointing), "bf16": bool(bf16),
-                "versions": _versions()}
+                "frozen_weights_bf16": bool(bf16) and dtype == torch.float32, "versions": _versions()}
         if trainer.is_world_process_zero():
             out.mkdir(parents=True, exist_ok=True)
             _write_info(out, info)
         resume = last_checkpoint(out / "checkpoints")
         if resume is not None:
             log.info("resuming from %s", resume)
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        with bf16_frozen_linears(peft_model, enabled=info["frozen_weights_bf16"]):
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except BaseException:
         _after_training(model, use_cache)
         _drop_autocast_wrapper(peft_model)

@@ -1,4 +1,4 @@
-"""Benchmarks (programs that print and save numbers, not timed tests): ``spd bench hooks|capture|svd``.
+"""Benchmarks (programs that print and save numbers, not timed tests): ``spd bench hooks|capture|svd|train``.
 
 Each writes its entry into bench/results/<machine-tag>.json (or ``--out FILE``), refreshes its
 markdown table in bench/README.md and, with ``--plot``, a PNG chart next to the JSON.
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import common
 
-NAMES = ("hooks", "capture", "svd")
+NAMES = ("hooks", "capture", "svd", "train")
 
 
 def _module(name):

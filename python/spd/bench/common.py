@@ -224,7 +224,8 @@ SCHEMA = "spd-bench/1"
 
 # What identifies one measurement in each benchmark's rows: a later run replaces the rows it
 # measured again and keeps the others (so `--models X` or `--rows 1e6` adds to the record).
-ROW_KEYS = {"hooks": ("model", "batch", "backend"), "capture": ("method",), "svd": ("M", "d", "r", "method")}
+ROW_KEYS = {"hooks": ("model", "batch", "backend"), "capture": ("method",), "svd": ("M", "d", "r", "method"),
+            "train": ("model", "source", "variant")}
 
 
 def _merge_rows(name: str, old: dict | None, new: dict) -> dict:
