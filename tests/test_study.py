@@ -13,6 +13,7 @@ from spd.study import (
     StudySettings,
     collect,
     corpus_quality,
+    identical_completions,
     refresh_document,
     render,
     run_study,
@@ -166,3 +167,19 @@ def test_corpus_quality_scores_the_corpus_against_the_gold_answers(tmp_path, mon
     assert q["accuracy"]["mean"] == pytest.approx(4 / 6) and q["n"] == 6 and q["hit_cap"] == 1
     assert q["mean_tokens"] == pytest.approx(5)  # counted from the text ("So the answer is N."), not n_tokens
     assert json.loads((wd / "corpus_quality.json").read_text())["corpus_sha256"] == q["corpus_sha256"]
+
+
+def test_identical_completions_counts_same_prompt_same_text(tmp_path):
+    def corpus(name, completions, finished=True):
+        path = tmp_path / name / "corpus.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"id": i, "prompt": "p", "completion": c}) + "\n"
+                                for i, c in completions.items()))
+        path.with_name(path.name + ".manifest.json").write_text(json.dumps({"finished": finished}))
+        return path
+
+    spd = corpus("spd", {"a": "x = 1", "b": "y = 2", "c": "z", "d": "only here"})
+    psr = corpus("psr", {"c": "z", "b": "y = 3", "a": "x = 1"})
+    assert identical_completions(spd, psr) == {"n": 3, "identical": 2}  # matched by id, not by line
+    assert identical_completions(spd, corpus("open", {"a": "x = 1"}, finished=False)) is None
+    assert identical_completions(spd, tmp_path / "missing.jsonl") is None

@@ -241,6 +241,23 @@ def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
     return out
 
 
+def identical_completions(corpus: Path, other: Path) -> dict | None:
+    """``{"n", "identical"}``: how many of ``corpus``'s completions equal ``other``'s for the same
+    prompt id (both finished; None otherwise). Shows how much a generation method changed the data."""
+    from .generate import corpus_finished
+
+    if not (corpus_finished(corpus) and corpus_finished(other)):
+        return None
+
+    def read(path):
+        rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        return {r["id"]: r["completion"] for r in rows}
+
+    mine, theirs = read(corpus), read(other)
+    shared = [i for i in mine if i in theirs]
+    return {"n": len(shared), "identical": sum(mine[i] == theirs[i] for i in shared)}
+
+
 def collect(settings: StudySettings) -> dict:
     """Everything finished so far: ``{"models": {model: {...}}}`` with, per run, its scores (bootstrap
     intervals) per evaluated task, paired tests of SPD against each baseline, corpus quality and
@@ -282,6 +299,9 @@ def collect(settings: StudySettings) -> dict:
                     entry["corpus"] = corpus_quality(settings, run)
                 except SpdError as exc:
                     entry["corpus"] = {"error": str(exc)}
+                if run.key != f"{run.domain}/psr":  # the same prompts decoded without hooks
+                    psr = settings.root / model / f"{run.domain}/psr" / "corpus.jsonl"
+                    entry["same_as_psr"] = identical_completions(wd / "corpus.jsonl", psr)
             m["runs"][run.key] = entry
         # paired tests: SPD (and the OOD / ablation SPD runs) against each baseline of the same domain
         for run in runs:
@@ -370,12 +390,15 @@ def render(collected: dict, *, plot: str | None = None) -> str:
         quality = [(k, r["corpus"]) for k, r in runs.items() if r.get("corpus") and "accuracy" in r["corpus"]]
         if quality:
             lines += ["Self-generated training data before training (paper Table 3): accuracy of the completions "
-                      "against the training prompts' gold answers, mean length, completions that hit the cap:", "",
-                      "| run | task | n | accuracy % [95%] | mean tokens | hit cap | empty |", "|---|---|---|---|---|---|---|"]
+                      "against the training prompts' gold answers, mean length, completions that hit the cap, "
+                      "and how many are identical to PSR's (plain greedy) completion of the same prompt:", "",
+                      "| run | task | n | accuracy % [95%] | mean tokens | hit cap | empty | same as PSR |",
+                      "|---|---|---|---|---|---|---|---|"]
             for key, q in quality:
-                a = q["accuracy"]
+                a, same = q["accuracy"], runs[key].get("same_as_psr")
                 lines.append(f"| {key} | {q['task']} | {q['n']} | {100 * a['mean']:.1f} [{100 * a['lo']:.1f}, "
-                             f"{100 * a['hi']:.1f}] | {q['mean_tokens']:.0f} | {q['hit_cap']} | {q['empty']} |")
+                             f"{100 * a['hi']:.1f}] | {q['mean_tokens']:.0f} | {q['hit_cap']} | {q['empty']} | "
+                             + (f"{same['identical']} / {same['n']} |" if same else "- |"))
             lines.append("")
         timed = [(k, r["seconds"]) for k, r in runs.items() if r.get("seconds")]
         if timed:
