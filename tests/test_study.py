@@ -166,6 +166,8 @@ def test_corpus_quality_scores_the_corpus_against_the_gold_answers(tmp_path, mon
     q = corpus_quality(st, run)
     assert q["accuracy"]["mean"] == pytest.approx(4 / 6) and q["n"] == 6 and q["hit_cap"] == 1
     assert q["mean_tokens"] == pytest.approx(5)  # counted from the text ("So the answer is N."), not n_tokens
+    assert list(q["per_example"].values()) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert list(q["per_example"]) == [ex.id for ex in examples]
     assert json.loads((wd / "corpus_quality.json").read_text())["corpus_sha256"] == q["corpus_sha256"]
 
 
@@ -183,3 +185,27 @@ def test_identical_completions_counts_same_prompt_same_text(tmp_path):
     assert identical_completions(spd, psr) == {"n": 3, "identical": 2}  # matched by id, not by line
     assert identical_completions(spd, corpus("open", {"a": "x = 1"}, finished=False)) is None
     assert identical_completions(spd, tmp_path / "missing.jsonl") is None
+
+
+def test_spd_corpus_compared_with_each_baseline_corpus_prompt_by_prompt(tmp_path, monkeypatch):
+    import spd.study
+
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    ids = [f"q{i}" for i in range(8)]
+    right = {"spd": [1, 1, 1, 1, 1, 1, 0, 0], "psr": [1, 0, 0, 0, 0, 1, 0, 1], "ssd": [0] * 8}
+
+    def quality(settings, run):
+        if run.method not in right:
+            return None
+        return {"task": "gsm8k", "n": 8, "accuracy": {"mean": sum(right[run.method]) / 8, "lo": 0.0, "hi": 1.0},
+                "mean_tokens": 9.0, "hit_cap": 0, "empty": 0,
+                "per_example": dict(zip(ids, map(float, right[run.method])))}
+
+    monkeypatch.setattr(spd.study, "corpus_quality", quality)
+    got = collect(st)["models"]["m"]["paired_corpus"]
+    psr = got["math/spd vs math/psr"]
+    assert psr["diff"] == pytest.approx(3 / 8) and (psr["wins"], psr["losses"]) == (4, 1)
+    assert psr["test"] == "exact McNemar" and psr["p"] == pytest.approx(12 / 32)  # 2 P(X<=1), X~Bin(5, 1/2)
+    assert got["math/spd vs math/ssd"]["wins"] == 6
+    text = render(collect(st))
+    assert "| math/spd vs math/psr corpus | gsm8k | 37.5 |" in text

@@ -198,7 +198,7 @@ def load_eval(workdir: Path, label: str, task: str) -> dict | None:
     return json.loads(path.read_text())
 
 
-QUALITY_VERSION = 2  # bump when corpus_quality's numbers change meaning (the cache is then redone)
+QUALITY_VERSION = 3  # bump when corpus_quality's numbers change meaning (the cache is then redone)
 
 
 def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
@@ -225,7 +225,7 @@ def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
     preds = read_predictions(corpus, examples, task_name=task.name)
     scored = score_predictions(task, examples, preds)
     records = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
-    _, values = per_example(scored)
+    ids, values = per_example(scored)
     from .stats import bootstrap_ci
 
     # lengths from the completions' text (older corpora counted a stopped row's padding as tokens)
@@ -235,7 +235,8 @@ def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
            "accuracy": bootstrap_ci(values, seed=settings.seed),
            "mean_tokens": sum(lengths) / len(records),
            "hit_cap": sum(r.get("stop") == "length" for r in records),
-           "empty": sum(not r["completion"].strip() for r in records)}
+           "empty": sum(not r["completion"].strip() for r in records),
+           "per_example": dict(zip(ids, values))}
     with atomic_file(cache, "w") as fh:
         json.dump(out, fh, indent=1)
     return out
@@ -304,9 +305,20 @@ def collect(settings: StudySettings) -> dict:
                     entry["same_as_psr"] = identical_completions(wd / "corpus.jsonl", psr)
             m["runs"][run.key] = entry
         # paired tests: SPD (and the OOD / ablation SPD runs) against each baseline of the same domain
+        m["paired_corpus"] = {}
         for run in runs:
             if run.method != "spd":
                 continue
+            mine = (m["runs"][run.key].get("corpus") or {}).get("per_example")
+            for other in ("psr", "ssd"):  # the training data itself (Table 3), prompt by prompt
+                theirs = (m["runs"].get(f"{run.domain}/{other}", {}).get("corpus") or {}).get("per_example")
+                if mine and theirs:
+                    common_ids = [i for i in mine if i in theirs]
+                    cmp = paired_compare([mine[i] for i in common_ids], [theirs[i] for i in common_ids],
+                                         seed=settings.seed)
+                    task = m["runs"][run.key]["corpus"]["task"]
+                    m["paired_corpus"][f"{run.key} vs {run.domain}/{other}"] = {
+                        "run": run.key, "against": f"{run.domain}/{other}", "task": task, **cmp}
             for task in DOMAINS[run.domain]:
                 mine = vectors.get((run.key, task))
                 if not mine:
@@ -399,6 +411,14 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                 lines.append(f"| {key} | {q['task']} | {q['n']} | {100 * a['mean']:.1f} [{100 * a['lo']:.1f}, "
                              f"{100 * a['hi']:.1f}] | {q['mean_tokens']:.0f} | {q['hit_cap']} | {q['empty']} | "
                              + (f"{same['identical']} / {same['n']} |" if same else "- |"))
+            lines.append("")
+        if m.get("paired_corpus"):
+            lines += ["The same, SPD's corpus against each baseline's on the same training prompts (difference "
+                      "in accuracy points, 95% paired bootstrap interval, exact McNemar p):", "",
+                      "| comparison | task | difference | 95% interval | p | wins / losses |", "|---|---|---|---|---|---|"]
+            for p in m["paired_corpus"].values():
+                lines.append(f"| {p['run']} vs {p['against']} corpus | {p['task']} | {100 * p['diff']:.1f} | "
+                             f"[{100 * p['lo']:.1f}, {100 * p['hi']:.1f}] | {p['p']:.3g} | {p['wins']} / {p['losses']} |")
             lines.append("")
         timed = [(k, r["seconds"]) for k, r in runs.items() if r.get("seconds")]
         if timed:
