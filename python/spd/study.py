@@ -263,7 +263,7 @@ def collect(settings: StudySettings) -> dict:
     """Everything finished so far: ``{"models": {model: {...}}}`` with, per run, its scores (bootstrap
     intervals) per evaluated task, paired tests of SPD against each baseline, corpus quality and
     wall times."""
-    from .stats import bootstrap_ci, paired_compare
+    from .stats import bootstrap_ci
 
     out = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
            "models": {}}
@@ -313,12 +313,10 @@ def collect(settings: StudySettings) -> dict:
             for other in ("psr", "ssd"):  # the training data itself (Table 3), prompt by prompt
                 theirs = (m["runs"].get(f"{run.domain}/{other}", {}).get("corpus") or {}).get("per_example")
                 if mine and theirs:
-                    common_ids = [i for i in mine if i in theirs]
-                    cmp = paired_compare([mine[i] for i in common_ids], [theirs[i] for i in common_ids],
-                                         seed=settings.seed)
                     task = m["runs"][run.key]["corpus"]["task"]
                     m["paired_corpus"][f"{run.key} vs {run.domain}/{other}"] = {
-                        "run": run.key, "against": f"{run.domain}/{other}", "task": task, **cmp}
+                        "run": run.key, "against": f"{run.domain}/{other}", "task": task,
+                        **_paired_by_id(mine, theirs, settings.seed)}
             for task in DOMAINS[run.domain]:
                 mine = vectors.get((run.key, task))
                 if not mine:
@@ -330,12 +328,17 @@ def collect(settings: StudySettings) -> dict:
                     theirs = vectors.get((key, task))
                     if not theirs:
                         continue
-                    common_ids = [i for i in mine if i in theirs]
-                    cmp = paired_compare([mine[i] for i in common_ids], [theirs[i] for i in common_ids],
-                                         seed=settings.seed)
                     m["paired"][f"{run.key} vs {key} on {task}"] = {"run": run.key, "against": key, "task": task,
-                                                                    **cmp}
+                                                                    **_paired_by_id(mine, theirs, settings.seed)}
     return out
+
+
+def _paired_by_id(mine: dict, theirs: dict, seed: int) -> dict:
+    """:func:`spd.stats.paired_compare` of two ``{id: value}`` maps on the ids they share."""
+    from .stats import paired_compare
+
+    ids = [i for i in mine if i in theirs]
+    return paired_compare([mine[i] for i in ids], [theirs[i] for i in ids], seed=seed)
 
 
 # -- the document --------------------------------------------------------------------------------
@@ -401,9 +404,9 @@ def render(collected: dict, *, plot: str | None = None) -> str:
             lines.append("")
         quality = [(k, r["corpus"]) for k, r in runs.items() if r.get("corpus") and "accuracy" in r["corpus"]]
         if quality:
-            lines += ["Self-generated training data before training (paper Table 3): accuracy of the completions "
-                      "against the training prompts' gold answers, mean length, completions that hit the cap, "
-                      "and how many are identical to PSR's (plain greedy) completion of the same prompt:", "",
+            lines += [("Self-generated training data before training (paper Table 3): accuracy of the completions "
+                       "against the training prompts' gold answers, mean length, completions that hit the cap, "
+                       "and how many are identical to PSR's (plain greedy) completion of the same prompt:"), "",
                       "| run | task | n | accuracy % [95%] | mean tokens | hit cap | empty | same as PSR |",
                       "|---|---|---|---|---|---|---|---|"]
             for key, q in quality:
@@ -413,8 +416,8 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                              + (f"{same['identical']} / {same['n']} |" if same else "- |"))
             lines.append("")
         if m.get("paired_corpus"):
-            lines += ["The same, SPD's corpus against each baseline's on the same training prompts (difference "
-                      "in accuracy points, 95% paired bootstrap interval, exact McNemar p):", "",
+            lines += [("The same, SPD's corpus against each baseline's on the same training prompts (difference "
+                       "in accuracy points, 95% paired bootstrap interval, exact McNemar p):"), "",
                       "| comparison | task | difference | 95% interval | p | wins / losses |", "|---|---|---|---|---|---|"]
             for p in m["paired_corpus"].values():
                 lines.append(f"| {p['run']} vs {p['against']} corpus | {p['task']} | {100 * p['diff']:.1f} | "
