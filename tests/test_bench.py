@@ -63,6 +63,8 @@ def test_bench_plot(tmp_path):
     png = tmp_path / "r-svd.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "README.md").exists()  # --out without --readme leaves the README alone
+    command = json.loads(out.read_text())["benchmarks"]["svd"]["command"]
+    assert command[1:3] == ["bench", "svd"] and "--dims=16" in command and "--methods=exact,gram" in command
 
 
 def test_results_merge_keeps_rows_not_measured_again(tmp_path):
@@ -129,3 +131,15 @@ def test_bench_train_tiny(tmp_path):
         from spd.bench.train import run
 
         run(tiny=True, variants=["fast"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--variants", "padded,fast"], "Invalid value for '--variants': unknown fast: use padded, micro, micro_cast"),
+    (["svd", "--methods", "exact,foo"], "Invalid value for '--methods': unknown foo"),
+    (["svd", "--rows", "1e4,abc"], "Invalid value for '--rows': not a number in '1e4,abc'"),
+    (["hooks", "--batches", "0,8"], "Invalid value for '--batches': sizes must be >= 1"),
+])
+def test_bench_list_options_refuse_bad_items_in_one_line(args, message, tmp_path):
+    res = CliRunner().invoke(cli, ["bench", *args, "--tiny", "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r.json").exists()

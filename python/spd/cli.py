@@ -355,29 +355,50 @@ def _run_bench(name, quick, out, plot, readme, device, tiny, **kw):
     from .bench import main as run_bench
 
     ctx = click.get_current_context()
-    command = ctx.command_path.split() + [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
-                                          for k, v in ctx.params.items() if v not in (None, False, ())]
+    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}  # "ms" -> "--rows"
+    command = ctx.command_path.split() + [
+        flags[k] + ("" if v is True else f"={','.join(map(str, v)) if isinstance(v, list) else v}")
+        for k, v in ctx.params.items() if v not in (None, False, ())]
     written = run_bench(name, quick=quick, out=out, plot=plot, readme=readme, device=device, tiny=tiny,
                         log=click.echo, command=command, **{k: v for k, v in kw.items() if v not in (None, ())})
     click.echo(f"wrote {written['json']}" + (f", {written['readme']}" if written["readme"] else "")
                + (f", {written['plot']}" if written["plot"] else ""))
 
 
-def _ints(text):
-    return [int(float(x)) for x in text.split(",") if x.strip()] if text else None
+def _csv(*names, allowed=None, ints=False, help=None):
+    """A comma-separated list option: parsed (positive integers with ``ints``; names from
+    ``allowed``) into a list, a bad item being a one-line usage error."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        if not items:
+            raise click.BadParameter("give at least one value")
+        if ints:
+            try:
+                numbers = [int(float(x)) for x in items]
+            except ValueError:
+                raise click.BadParameter(f"not a number in {value!r}") from None
+            if min(numbers) < 1:
+                raise click.BadParameter(f"sizes must be >= 1, got {value!r}")
+            return numbers
+        unknown = [x for x in items if allowed is not None and x not in allowed]
+        if unknown:
+            raise click.BadParameter(f"unknown {', '.join(unknown)}: use {', '.join(allowed)}")
+        return items
+    return click.option(*names, default=None, callback=parse, help=help)
 
 
 @_bench_command("hooks", [
-    click.option("--models", default=None, help="Comma-separated: default, qwen2.5-0.5b-shape, "
-                 "llama-3.1-8b-shape, or a model name/path."),
-    click.option("--batches", default=None, help="Comma-separated batch sizes."),
+    _csv("--models", help="Comma-separated: default, qwen2.5-0.5b-shape, llama-3.1-8b-shape, or a model name/path."),
+    _csv("--batches", ints=True, help="Comma-separated batch sizes."),
     click.option("--prompt-len", type=click.IntRange(1), default=None),
     click.option("--new-tokens", type=click.IntRange(2), default=None),
     click.option("--reps", type=click.IntRange(1), default=None, help="Measured repetitions (after 1 warm-up)."),
 ], "Decode-step latency and generate throughput: none vs hook, fused, fold (interleaved).")
 def bench_hooks(quick, out, plot, readme, device, tiny, models, batches, prompt_len, new_tokens, reps):
-    _run_bench("hooks", quick, out, plot, readme, device, tiny, models=models.split(",") if models else None,
-               batches=_ints(batches), prompt_len=prompt_len, new_tokens=new_tokens, reps=reps)
+    _run_bench("hooks", quick, out, plot, readme, device, tiny, models=models, batches=batches,
+               prompt_len=prompt_len, new_tokens=new_tokens, reps=reps)
 
 
 @_bench_command("capture", [
@@ -393,13 +414,13 @@ def bench_capture(quick, out, plot, readme, device, tiny, model, task, n, reps, 
 
 
 @_bench_command("svd", [
-    click.option("--rows", "ms", default=None, help="Comma-separated M values (1e4,1e5,1e6)."),
-    click.option("--dims", "ds", default=None, help="Comma-separated d values (128,512,1024,4096)."),
-    click.option("--methods", default=None, help="Comma-separated: exact, gram, randomized, svd_lowrank, cupy."),
+    _csv("--rows", "ms", ints=True, help="Comma-separated M values (1e4,1e5,1e6)."),
+    _csv("--dims", "ds", ints=True, help="Comma-separated d values (128,512,1024,4096)."),
+    _csv("--methods", allowed=("exact", "gram", "randomized", "svd_lowrank", "cupy"),
+         help="Comma-separated: exact, gram, randomized, svd_lowrank, cupy."),
 ], "Exact vs gram vs randomized SVD: time, peak memory, largest principal angle.")
 def bench_svd(quick, out, plot, readme, device, tiny, ms, ds, methods):
-    _run_bench("svd", quick, out, plot, readme, device, tiny, Ms=_ints(ms), ds=_ints(ds),
-               methods=methods.split(",") if methods else None)
+    _run_bench("svd", quick, out, plot, readme, device, tiny, Ms=ms, ds=ds, methods=methods)
 
 
 @_bench_command("train", [
@@ -409,11 +430,11 @@ def bench_svd(quick, out, plot, readme, device, tiny, ms, ds, methods):
                  help="Train on this corpus.jsonl's first records instead (e.g. a generated one)."),
     click.option("--steps", type=click.IntRange(1), default=None, help="Measured optimizer steps per run. [default: 5]"),
     click.option("--reps", type=click.IntRange(1), default=None, help="Repetitions; the first is warm-up. [default: 3]"),
-    click.option("--variants", default=None, help="Comma-separated: padded, micro, micro_cast."),
+    _csv("--variants", allowed=("padded", "micro", "micro_cast"), help="Comma-separated: padded, micro, micro_cast."),
 ], "LoRA training: seconds per optimizer step and peak memory per speed setting (interleaved).")
 def bench_train(quick, out, plot, readme, device, tiny, model, task, corpus, steps, reps, variants):
     _run_bench("train", quick, out, plot, readme, device, tiny, model=model, task=task, corpus=corpus,
-               steps=steps, reps=reps, variants=variants.split(",") if variants else None)
+               steps=steps, reps=reps, variants=variants)
 
 
 def _subspace_table(sub) -> str:
