@@ -3,7 +3,7 @@ out-of-domain row and the loss ablation, for each model; then docs/RESULTS.md (b
 markers) and docs/results.png. Resumable: stop it at any point and run the same command again.
 
     python bench/study.py                          # run (or resume) everything, refresh the document
-    python bench/study.py --dry-run                # list the runs and their `spd run` commands
+    python bench/study.py --dry-run                # what is left: phases, time estimate, `spd run` command
     python bench/study.py --only qwen2.5-coder-0.5b/code --only smollm2-135m/math
     python bench/study.py --report                 # only refresh the document from finished runs
 """
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Generation/eval batch.")
 @click.option("--only", multiple=True, help="Only the runs whose '<model>/<key>' contains this (repeatable).")
-@click.option("--dry-run", is_flag=True, help="List the runs and what is left; run nothing.")
+@click.option("--dry-run", is_flag=True, help="List the runs, the phases each has left and an estimate of the time; run nothing.")
 @click.option("--report", "report_only", is_flag=True, help="Only refresh the document from finished runs.")
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",
               show_default=True)

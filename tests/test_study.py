@@ -13,7 +13,9 @@ from spd.study import (
     StudySettings,
     collect,
     corpus_quality,
+    estimate_left,
     identical_completions,
+    phases_left,
     refresh_document,
     render,
     run_study,
@@ -89,6 +91,42 @@ def test_run_study_skips_complete_runs_and_stops_when_interrupted(tmp_path, monk
     assert [s["status"] for s in dry] == ["complete", "todo", "todo", "todo"]
     with pytest.raises(SpdError, match="matches none"):
         run_study(st, only=["nothing-like-this"], dry_run=True, log=lambda *_: None)
+
+
+def _manifest(workdir: Path, phases: dict):
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "manifest.json").write_text(json.dumps({"config": {}, "phases": {
+        name: ({"status": "complete", "seconds": s} if s is not None else {"status": "complete"})
+        for name, s in phases.items()}}))
+
+
+def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_path):
+    st = StudySettings(root=tmp_path, models=("m", "other"), domains=("math", "code"), ood=True, ablation=False)
+    runs = {(r.model, r.key): r for r in st.runs()}
+    _manifest(runs["m", "math/base"].workdir(tmp_path), {"eval base gsm8k": 600.0, "eval base svamp": 300.0})
+    (runs["m", "math/base"].workdir(tmp_path) / "results.json").write_text("{}")
+    _manifest(runs["m", "math/spd"].workdir(tmp_path), {"eval base gsm8k": None, "eval base svamp": None,
+                                                        "calibrate": 60.0, "generate": 1200.0})
+    _manifest(runs["m", "code/psr"].workdir(tmp_path), {"generate": 500.0, "train": 1800.0})
+    spd = runs["m", "math/spd"]
+    assert phases_left(st, spd) == ["train", "eval spd gsm8k", "eval spd svamp"]
+    assert phases_left(st, runs["m", "math/psr"]) == ["generate", "train", "eval psr gsm8k", "eval psr svamp"]
+    assert phases_left(st, runs["m", "code/base"]) == ["eval base mbpp", "eval base codealpaca"]
+    assert phases_left(st, runs["m", "ood/math-qa"])[0] == "calibrate"
+    # train: no math train finished, so the code one (same model and kind); evals: the base's of the same task
+    assert estimate_left(st, spd) == (1800.0 + 600.0 + 300.0, [])
+    assert estimate_left(st, runs["m", "math/psr"]) == (1200.0 + 1800.0 + 600.0 + 300.0, [])
+    seconds, unknown = estimate_left(st, runs["m", "ood/math-qa"])  # calibrate on mmlu: the gsm8k one
+    assert seconds == 60.0 + 1200.0 + 1800.0 + 900.0 and unknown == []
+    assert estimate_left(st, runs["other", "math/spd"]) == (0.0, ["calibrate", "generate", "train",
+                                                                 "eval spd gsm8k", "eval spd svamp"])
+    lines = []
+    statuses = {s["run"]: s for s in run_study(st, dry_run=True, log=lines.append)}
+    assert statuses["m/math/base"]["status"] == "complete"
+    assert statuses["m/math/spd"]["phases_left"] == ["train", "eval spd gsm8k", "eval spd svamp"]
+    assert statuses["m/math/spd"]["estimate_s"] == 2700.0
+    assert any("m math/spd: would run (train, eval spd gsm8k, eval spd svamp; ~45 min)" in line for line in lines)
+    assert "not estimated: the runs of other" in lines[-1] and lines[-1].startswith("[study] left: 19 of 20 runs")
 
 
 def test_collect_and_render(tmp_path, monkeypatch):

@@ -134,6 +134,74 @@ def seed_base_evals(settings: StudySettings, run: StudyRun) -> list[str]:
     return copied
 
 
+def _phase_kind(name: str, run: StudyRun) -> tuple[str, str]:
+    """(kind, task) a phase's wall time depends on: ("eval", task) for "eval <label> <task>", the
+    calibration task for "calibrate", the run's task for "generate" and "train"."""
+    if name.startswith("eval "):
+        return "eval", name.rsplit(" ", 1)[-1]
+    if name == "calibrate":
+        return name, run.calib_task or run.task
+    return name, run.task
+
+
+def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
+    """The phases of ``run`` that are not complete yet (names as in its manifest). The base model's
+    evaluations of a method run are left out: they are copied from the domain's base run."""
+    label = run.method
+    names = ([] if run.method == "base" else ["calibrate"] * (run.method == "spd") + ["generate", "train"])
+    names += [f"eval {label} {task}" for task in DOMAINS[run.domain]]
+    manifest = run.workdir(settings.root) / "manifest.json"
+    done = set()
+    if manifest.is_file():
+        try:
+            phases = json.loads(manifest.read_text()).get("phases", {})
+        except (OSError, ValueError):
+            phases = {}
+        done = {k for k, v in phases.items() if v.get("status") == "complete"}
+    return [n for n in names if n not in done]
+
+
+def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
+    """Wall seconds of every finished phase, by (model, kind, task) and by (model, kind) (see _phase_kind)."""
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for run in settings.runs():
+        manifest = run.workdir(settings.root) / "manifest.json"
+        if not manifest.is_file():
+            continue
+        try:
+            phases = json.loads(manifest.read_text()).get("phases", {})
+        except (OSError, ValueError):
+            continue
+        for name, v in phases.items():
+            if v.get("status") == "complete" and v.get("seconds") is not None:
+                kind, task = _phase_kind(name, run)
+                for key in ((run.model, kind, task), (run.model, kind)):
+                    out.setdefault(key, []).append(float(v["seconds"]))
+    return out
+
+
+def estimate_left(settings: StudySettings, run: StudyRun, times: dict | None = None) -> tuple[float, list[str]]:
+    """(seconds, phases without an estimate) for what ``run`` has left: each phase costs the median wall
+    time of the finished phases of the same model, kind and task, else of the same model and kind on
+    any task (a phase in progress counts whole)."""
+    import statistics
+
+    times = phase_times(settings) if times is None else times
+    seconds, unknown = 0.0, []
+    for name in phases_left(settings, run):
+        kind, task = _phase_kind(name, run)
+        seen = times.get((run.model, kind, task)) or times.get((run.model, kind))
+        if seen:
+            seconds += statistics.median(seen)
+        else:
+            unknown.append(name)
+    return seconds, unknown
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
 def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run: bool = False,
               log=print, after_each=None) -> list[dict]:
     """Run (or resume) every run of the study not yet complete, one at a time. ``only``: keep the
@@ -143,6 +211,7 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
     runs = [r for r in settings.runs() if not only or any(s in f"{r.model}/{r.key}" for s in only)]
     if not runs:
         raise SpdError(f"--only {','.join(only or [])} matches none of the study's runs")
+    times = phase_times(settings) if dry_run else {}
     for i, run in enumerate(runs, 1):
         wd = run.workdir(settings.root)
         cmd = settings.command(run)
@@ -152,8 +221,12 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
             continue
         if dry_run:
-            log(f"{label}: would run: {' '.join(cmd)}")
-            statuses.append({"run": f"{run.model}/{run.key}", "status": "todo"})
+            left = phases_left(settings, run)
+            seconds, unknown = estimate_left(settings, run, times)
+            guess = "not estimated" if unknown else f"~{_duration(seconds)}"
+            log(f"{label}: would run ({', '.join(left) or 'finishing'}; {guess}): {' '.join(cmd)}")
+            statuses.append({"run": f"{run.model}/{run.key}", "status": "todo", "phases_left": left,
+                             "estimate_s": seconds, "not_estimated": unknown})
             continue
         wd.mkdir(parents=True, exist_ok=True)
         copied = seed_base_evals(settings, run)
@@ -177,6 +250,14 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
         statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
         if after_each is not None:
             after_each()
+    todo = [s for s in statuses if s["status"] == "todo"]
+    if dry_run and todo:
+        known = [s for s in todo if not s["not_estimated"]]
+        blind = sorted({s["run"].split("/")[0] for s in todo if s["not_estimated"]})
+        log(f"[study] left: {len(todo)} of {len(runs)} runs; ~{_duration(sum(s['estimate_s'] for s in known))} "
+            f"for {len(known)} of them (median wall time of this model's finished phases of the same kind, "
+            "same task where there is one)"
+            + (f"; not estimated: the runs of {', '.join(blind)} (no finished phase of that kind yet)" if blind else ""))
     return statuses
 
 
@@ -360,9 +441,9 @@ def render(collected: dict, *, plot: str | None = None) -> str:
     for model, m in collected["models"].items():
         runs = m["runs"]
         done = sum(r["complete"] for r in runs.values())
-        lines += [f"### {model}", "", f"Runs complete: {done} of {len(runs)} "
+        lines += [f"### {model}", "", (f"Runs complete: {done} of {len(runs)} "
                   f"(… = not finished yet). Cells: score [95% bootstrap interval over the evaluation examples]; "
-                  f"accuracy in %, CodeAlpaca reference NLL (lower is better). Paper: {PAPER_MODEL}, SPEC section 8.", ""]
+                  f"accuracy in %, CodeAlpaca reference NLL (lower is better). Paper: {PAPER_MODEL}, SPEC section 8."), ""]
         lines += ["| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
         for method in METHODS:
             scores = {}
@@ -377,8 +458,8 @@ def render(collected: dict, *, plot: str | None = None) -> str:
         for d in ("math", "code"):
             ood.update(runs.get(f"ood/{d}-qa", {}).get("scores", {}))
         if any(k.startswith("ood/") for k in runs):
-            lines += ["Out-of-domain (SPD calibrated on MMLU, generated, trained and evaluated on the other domain; "
-                      "paper Table 2, SPD-QA):", "",
+            lines += [("Out-of-domain (SPD calibrated on MMLU, generated, trained and evaluated on the other domain; "
+                      "paper Table 2, SPD-QA):"), "",
                       "| run | gsm8k | svamp | mbpp | codealpaca |", "|---|---|---|---|---|",
                       "| SPD-QA (ours) | " + " | ".join(_cell(ood, t) for t in ("gsm8k", "svamp", "mbpp", "codealpaca")) + " |",
                       "| SPD-QA (paper) | " + " | ".join(f"{PAPER_OOD[t]:g}" if t in PAPER_OOD else "-"
@@ -393,9 +474,9 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                       f"| aligned (paper) | {PAPER['spd']['gsm8k']:g} | {PAPER['spd']['svamp']:g} |",
                       f"| full (paper) | {PAPER_ABLATION['gsm8k']:g} | {PAPER_ABLATION['svamp']:g} |", ""]
         if m["paired"]:
-            lines += ["Paired tests (same evaluation examples): difference of the score (first minus second; "
+            lines += [("Paired tests (same evaluation examples): difference of the score (first minus second; "
                       "for NLL, negative favours the first), 95% paired bootstrap interval, two-sided p "
-                      "(exact McNemar for accuracy, sign-flip permutation for NLL):", "",
+                      "(exact McNemar for accuracy, sign-flip permutation for NLL):"), "",
                       "| comparison | task | difference | 95% interval | p | wins / losses |", "|---|---|---|---|---|---|"]
             for p in m["paired"].values():
                 lines.append(f"| {p['run']} vs {p['against']} | {p['task']} | {_pct(p['task'], p['diff'])} | "
