@@ -75,6 +75,12 @@ def test_spd_run_resumes_after_an_interruption_in_every_phase(tiny_dir, tmp_path
                 run(config(tiny_dir), workdir, log=lambda *a: None)
     run(config(tiny_dir), workdir, log=lambda *a: None)
     assert scores(workdir) == want
+    phases = json.loads((workdir / "manifest.json").read_text())["phases"]
+    assert all(p["status"] == "complete" for p in phases.values())
+    # each interrupted phase ran twice; its time is the resumed attempt's, and it says so
+    assert {k: p.get("attempts") for k, p in phases.items() if p.get("attempts")} == \
+        {"eval base arith": 2, "calibrate": 2, "generate": 2, "train": 2}
+    assert "attempts" not in manifest["phases"]["generate"] and "attempt" not in manifest["phases"]["generate"]
     assert not list(workdir.rglob("*.partial.jsonl"))  # each evaluation's partial file went with its result
     assert (workdir / "corpus.jsonl").read_bytes() == (reference / "corpus.jsonl").read_bytes()
     got, ref = (Subspace.load(w / "subspace.safetensors") for w in (workdir, reference))

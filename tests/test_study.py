@@ -15,6 +15,7 @@ from spd.study import (
     corpus_quality,
     estimate_left,
     identical_completions,
+    phase_times,
     phases_left,
     refresh_document,
     render,
@@ -108,6 +109,16 @@ def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_pat
     _manifest(runs["m", "math/spd"].workdir(tmp_path), {"eval base gsm8k": None, "eval base svamp": None,
                                                         "calibrate": 60.0, "generate": 1200.0})
     _manifest(runs["m", "code/psr"].workdir(tmp_path), {"generate": 500.0, "train": 1800.0})
+    # resumed phases count their last attempt only, so they do not go into estimates: one marked by the
+    # pipeline, one (from before it marked them) told by train.json's checkpoint
+    _manifest(runs["m", "code/spd"].workdir(tmp_path), {"generate": 100.0, "train": 300.0})
+    doc = json.loads((runs["m", "code/spd"].workdir(tmp_path) / "manifest.json").read_text())
+    doc["phases"]["generate"]["attempts"] = 2
+    (runs["m", "code/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(doc))
+    (runs["m", "code/spd"].workdir(tmp_path) / "train").mkdir()
+    (runs["m", "code/spd"].workdir(tmp_path) / "train" / "train.json").write_text('{"resumed_from": "checkpoint-9"}')
+    times = phase_times(st)
+    assert times["m", "generate", "mbpp"] == [500.0] and times["m", "train"] == [1800.0]
     spd = runs["m", "math/spd"]
     assert phases_left(st, spd) == ["train", "eval spd gsm8k", "eval spd svamp"]
     assert phases_left(st, runs["m", "math/psr"]) == ["generate", "train", "eval psr gsm8k", "eval psr svamp"]
@@ -144,7 +155,7 @@ def test_collect_and_render(tmp_path, monkeypatch):
     (by_key["math/spd"].workdir(tmp_path) / "results.json").write_text("{}")
     (by_key["math/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
         {"phases": {"generate": {"status": "complete", "seconds": 120.0, "machine": "cpu A"},
-                    "train": {"seconds": 60, "machine": "gpu B"}},
+                    "train": {"seconds": 60, "machine": "gpu B", "attempts": 2}},
          "versions": {"spd": "0.1.0", "torch": "2.13.0", "machine": "cpu A", "spd_ext": {"loaded": True}}}))
     got = collect(st)
     m = got["models"]["m"]
@@ -159,7 +170,8 @@ def test_collect_and_render(tmp_path, monkeypatch):
     assert "| SPD (ours) |" in text and "80.0 [" in text and "| SPD (paper) |" in text and "22 |" in text
     assert "math/spd vs math/base" in text and "generate 2.0" in text and "![scores](results.png)" in text
     assert "…" in text  # unfinished cells are marked, not invented
-    assert "| 3.0 | cpu A; gpu B |" in text  # the machines its phases ran on
+    assert "| generate 2.0, train 1.0\\* | 3.0\\* | cpu A; gpu B |" in text  # resumed train marked; machines
+    assert m["runs"]["math/spd"]["resumed"] == ["train"] and m["runs"]["math/psr"].get("resumed") is None
     assert "Versions (all runs so far): spd 0.1.0, torch 2.13.0, spd_ext compiled." in text
     assert "spd run --model m --task gsm8k --method spd --workdir m/math/spd " in text
     assert str(tmp_path) not in text

@@ -115,17 +115,29 @@ class Workdir:
             json.dump(self.manifest, fh, indent=1)
 
     def phase(self, name: str, done: bool, run, log=print) -> None:
-        """Run ``run()`` unless the phase's artifact is already complete; record the wall time."""
+        """Run ``run()`` unless the phase's artifact is already complete; record the wall time.
+
+        A phase is marked "running" while it runs; one that finds that mark was interrupted before
+        and resumes its partial work, so its record says ``attempts`` (> 1) and ``seconds`` is the
+        wall time of the last attempt only.
+        """
         if done:
             log(f"[spd run] {name}: already complete, skipped")
             self.manifest["phases"].setdefault(name, {})["status"] = "complete"
             self.save()
             return
-        log(f"[spd run] {name} ...")
+        before = self.manifest["phases"].get(name, {})
+        attempt = int(before.get("attempt", 1)) + 1 if before.get("status") == "running" else 1
+        log(f"[spd run] {name} ..." + (f" (attempt {attempt}: resuming)" if attempt > 1 else ""))
+        self.manifest["phases"][name] = {"status": "running", "attempt": attempt,
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.save()
         started = time.perf_counter()
         extra = run() or {}
-        self.manifest["phases"][name] = {"status": "complete", "seconds": round(time.perf_counter() - started, 1),
-                                         "machine": machine(), **extra}
+        record = {"status": "complete", "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
+        if attempt > 1:
+            record["attempts"] = attempt
+        self.manifest["phases"][name] = {**record, **extra}
         self.save()
 
 

@@ -161,8 +161,23 @@ def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
     return [n for n in names if n not in done]
 
 
+def resumed_phases(workdir: Path, phases: dict) -> set[str]:
+    """The phases of a run that finished in a resumed attempt (their recorded time is the last
+    attempt's only): marked by the pipeline, or for training also told by train.json's checkpoint."""
+    out = {k for k, v in phases.items() if v.get("attempts")}
+    info = Path(workdir) / "train" / "train.json"
+    if "train" in phases and info.is_file():
+        try:
+            if json.loads(info.read_text()).get("resumed_from"):
+                out.add("train")
+        except (OSError, ValueError):
+            pass
+    return out
+
+
 def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
-    """Wall seconds of every finished phase, by (model, kind, task) and by (model, kind) (see _phase_kind)."""
+    """Wall seconds of every phase finished in one attempt, by (model, kind, task) and by (model, kind)
+    (see _phase_kind). A resumed phase's time is its last attempt's only, so it is left out."""
     out: dict[tuple[str, str, str], list[float]] = {}
     for run in settings.runs():
         manifest = run.workdir(settings.root) / "manifest.json"
@@ -172,8 +187,9 @@ def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
             phases = json.loads(manifest.read_text()).get("phases", {})
         except (OSError, ValueError):
             continue
+        resumed = resumed_phases(run.workdir(settings.root), phases)
         for name, v in phases.items():
-            if v.get("status") == "complete" and v.get("seconds") is not None:
+            if v.get("status") == "complete" and v.get("seconds") is not None and name not in resumed:
                 kind, task = _phase_kind(name, run)
                 for key in ((run.model, kind, task), (run.model, kind)):
                     out.setdefault(key, []).append(float(v["seconds"]))
@@ -371,6 +387,7 @@ def collect(settings: StudySettings) -> dict:
                 doc = json.loads(manifest.read_text())
                 phases = doc.get("phases", {})
                 entry["seconds"] = {k: v.get("seconds") for k, v in phases.items() if v.get("seconds") is not None}
+                entry["resumed"] = sorted(resumed_phases(wd, phases) & set(entry["seconds"]))
                 entry["versions"] = doc.get("versions")
                 machines = {v["machine"] for v in phases.values() if v.get("machine")}
                 if not machines and (entry["versions"] or {}).get("machine"):
@@ -506,12 +523,15 @@ def render(collected: dict, *, plot: str | None = None) -> str:
             lines.append("")
         timed = [(k, r["seconds"]) for k, r in runs.items() if r.get("seconds")]
         if timed:
-            lines += ["Wall time per phase (minutes; base evaluations are done once per domain and reused):", "",
+            lines += [("Wall time per phase (minutes; base evaluations are done once per domain and reused; "
+                       "\\* = resumed after an interruption, the time of the last attempt only):"), "",
                       "| run | phases | total | machine |", "|---|---|---|---|"]
             for key, secs in timed:
-                phases = ", ".join(f"{k} {v / 60:.1f}" for k, v in secs.items())
+                resumed = set(runs[key].get("resumed") or ())
+                phases = ", ".join(f"{k} {v / 60:.1f}" + ("\\*" if k in resumed else "") for k, v in secs.items())
                 where = "; ".join(runs[key].get("machines") or ["not recorded"])
-                lines.append(f"| {key} | {phases} | {sum(secs.values()) / 60:.1f} | {where} |")
+                total = f"{sum(secs.values()) / 60:.1f}" + ("\\*" if resumed else "")
+                lines.append(f"| {key} | {phases} | {total} | {where} |")
             lines.append("")
         lines += _provenance(runs)
     if plot:
