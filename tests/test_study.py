@@ -17,6 +17,7 @@ from spd.study import (
     identical_completions,
     phase_times,
     phases_left,
+    plot_scores,
     refresh_document,
     render,
     run_study,
@@ -176,6 +177,8 @@ def test_collect_and_render(tmp_path, monkeypatch):
     assert "spd run --model m --task gsm8k --method spd --workdir m/math/spd " in text
     assert str(tmp_path) not in text
     json.dumps(got)  # the collected numbers are plain JSON
+    assert plot_scores(got, tmp_path / "plot" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_scores(collect(StudySettings(root=tmp_path / "empty", models=("m",))), tmp_path / "none.png") is None
 
 
 def test_refresh_document_keeps_hand_written_text(tmp_path):

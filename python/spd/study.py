@@ -535,7 +535,9 @@ def render(collected: dict, *, plot: str | None = None) -> str:
             lines.append("")
         lines += _provenance(runs)
     if plot:
-        lines += [f"![scores]({plot})", ""]
+        lines += [f"![scores]({plot})", "",
+                  (f"Accuracy per benchmark: bars ours with 95% bootstrap intervals, black ticks the paper's "
+                   f"figures ({PAPER_MODEL}) for the same method."), ""]
     lines += ["Settings: " + ", ".join(f"{k}={_setting(k, v)}" for k, v in st.items() if k != "extra"), ""]
     return "\n".join(lines)
 
@@ -591,7 +593,8 @@ def refresh_document(path: Path, body: str) -> Path:
 
 
 def plot_scores(collected: dict, path: Path) -> Path | None:
-    """Bar chart: accuracy per benchmark and method with the bootstrap intervals, one panel per model."""
+    """Bar chart: accuracy per benchmark and method with the bootstrap intervals, one panel per model;
+    a black tick on each bar marks the paper's figure for that method and benchmark."""
     from .report import _pyplot
 
     models = [(name, m) for name, m in collected["models"].items()
@@ -600,7 +603,7 @@ def plot_scores(collected: dict, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     tasks = [t for t in COLUMNS if t not in LOWER_IS_BETTER]
-    fig, axes = plt.subplots(len(models), 1, figsize=(9, 3.2 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 1, figsize=(9, 3.6 * len(models)), squeeze=False)
     width = 0.2
     for ax, (name, m) in zip(axes[:, 0], models):
         for j, method in enumerate(METHODS):
@@ -614,10 +617,14 @@ def plot_scores(collected: dict, path: Path) -> Path | None:
             ax.bar(xs, [100 * v["mean"] for v in s], width, label=method,
                    yerr=[[100 * (v["mean"] - v["lo"]) for v in s], [100 * (v["hi"] - v["mean"]) for v in s]],
                    capsize=2)
+            ticks = [(x, PAPER[method][t]) for x, t in zip(xs, [t for t in tasks if t in scores])
+                     if PAPER.get(method, {}).get(t) is not None]
+            ax.scatter([x for x, _ in ticks], [v for _, v in ticks], marker="_", s=180, color="black",
+                       linewidths=2, zorder=3, label=f"paper ({PAPER_MODEL})" if j == 0 else None)
         ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel("accuracy %")
         ax.set_title(name)
-        ax.legend(fontsize=8, ncols=4)
+        ax.legend(fontsize=8, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
