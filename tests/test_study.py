@@ -132,8 +132,12 @@ def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_pat
     assert seconds == 60.0 + 1200.0 + 1800.0 + 900.0 and unknown == []
     assert estimate_left(st, runs["other", "math/spd"]) == (0.0, ["calibrate", "generate", "train",
                                                                  "eval spd gsm8k", "eval spd svamp"])
+    runs["m", "math/psr"].workdir(tmp_path).mkdir(parents=True)
+    (runs["m", "math/psr"].workdir(tmp_path) / "manifest.json").write_text(json.dumps({"phases": {
+        "generate": {"status": "running", "attempt": 1, "started": "2026-01-02T03:04:05+0000"}}}))
     lines = []
     statuses = {s["run"]: s for s in run_study(st, dry_run=True, log=lines.append)}
+    assert any("m math/psr: would run (generate (begun 2026-01-02T03:04:05+0000), train," in line for line in lines)
     assert statuses["m/math/base"]["status"] == "complete"
     assert statuses["m/math/spd"]["phases_left"] == ["train", "eval spd gsm8k", "eval spd svamp"]
     assert statuses["m/math/spd"]["estimate_s"] == 2700.0

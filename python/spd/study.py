@@ -150,15 +150,16 @@ def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
     label = run.method
     names = ([] if run.method == "base" else ["calibrate"] * (run.method == "spd") + ["generate", "train"])
     names += [f"eval {label} {task}" for task in DOMAINS[run.domain]]
-    manifest = run.workdir(settings.root) / "manifest.json"
-    done = set()
-    if manifest.is_file():
-        try:
-            phases = json.loads(manifest.read_text()).get("phases", {})
-        except (OSError, ValueError):
-            phases = {}
-        done = {k for k, v in phases.items() if v.get("status") == "complete"}
+    done = {k for k, v in read_phases(run.workdir(settings.root)).items() if v.get("status") == "complete"}
     return [n for n in names if n not in done]
+
+
+def read_phases(workdir: Path) -> dict:
+    """The per-phase records of a run's manifest.json ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads((Path(workdir) / "manifest.json").read_text()).get("phases", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def resumed_phases(workdir: Path, phases: dict) -> set[str]:
@@ -180,13 +181,7 @@ def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
     (see _phase_kind). A resumed phase's time is its last attempt's only, so it is left out."""
     out: dict[tuple[str, str, str], list[float]] = {}
     for run in settings.runs():
-        manifest = run.workdir(settings.root) / "manifest.json"
-        if not manifest.is_file():
-            continue
-        try:
-            phases = json.loads(manifest.read_text()).get("phases", {})
-        except (OSError, ValueError):
-            continue
+        phases = read_phases(run.workdir(settings.root))
         resumed = resumed_phases(run.workdir(settings.root), phases)
         for name, v in phases.items():
             if v.get("status") == "complete" and v.get("seconds") is not None and name not in resumed:
@@ -240,7 +235,9 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             left = phases_left(settings, run)
             seconds, unknown = estimate_left(settings, run, times)
             guess = "not estimated" if unknown else f"~{_duration(seconds)}"
-            log(f"{label}: would run ({', '.join(left) or 'finishing'}; {guess}): {' '.join(cmd)}")
+            begun = {k: v.get("started") for k, v in read_phases(wd).items() if v.get("status") == "running"}
+            shown = [f"{n} (begun {begun[n]})" if begun.get(n) else n for n in left]
+            log(f"{label}: would run ({', '.join(shown) or 'finishing'}; {guess}): {' '.join(cmd)}")
             statuses.append({"run": f"{run.model}/{run.key}", "status": "todo", "phases_left": left,
                              "estimate_s": seconds, "not_estimated": unknown})
             continue
