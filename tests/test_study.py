@@ -162,6 +162,8 @@ def test_collect_and_render(tmp_path, monkeypatch):
         {"phases": {"generate": {"status": "complete", "seconds": 120.0, "machine": "cpu A"},
                     "train": {"seconds": 60, "machine": "gpu B", "attempts": 2}},
          "versions": {"spd": "0.1.0", "torch": "2.13.0", "machine": "cpu A", "spd_ext": {"loaded": True}}}))
+    (by_key["code/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
+        {"phases": {"eval spd codealpaca": {"seconds": 30.0, "machine": "cpu A"}}}))
     got = collect(st)
     m = got["models"]["m"]
     assert m["runs"]["math/spd"]["complete"] and not m["runs"]["math/psr"]["complete"]
@@ -176,6 +178,11 @@ def test_collect_and_render(tmp_path, monkeypatch):
     assert "math/spd vs math/base" in text and "generate 2.0" in text and "![scores](results.png)" in text
     assert "…" in text  # unfinished cells are marked, not invented
     assert "| generate 2.0, train 1.0\\* | 3.0\\* | cpu A; gpu B |" in text  # resumed train marked; machines
+    assert "| code/spd | eval spd codealpaca 0.5 | 0.5 | cpu A |" in text
+    (by_key["math/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
+        {"phases": {"generate": {"seconds": 120.0, "machine": "cpu A"}}}))
+    one = render(collect(st))  # every run on one machine: named once, no column
+    assert "all on cpu A):" in one and "| math/spd | generate 2.0 | 2.0 |\n" in one and "| machine |" not in one
     assert m["runs"]["math/spd"]["resumed"] == ["train"] and m["runs"]["math/psr"].get("resumed") is None
     assert "Versions (all runs so far): spd 0.1.0, torch 2.13.0, spd_ext compiled." in text
     assert "spd run --model m --task gsm8k --method spd --workdir m/math/spd " in text

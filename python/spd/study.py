@@ -520,15 +520,18 @@ def render(collected: dict, *, plot: str | None = None) -> str:
             lines.append("")
         timed = [(k, r["seconds"]) for k, r in runs.items() if r.get("seconds")]
         if timed:
+            where = {key: "; ".join(runs[key].get("machines") or ["not recorded"]) for key, _ in timed}
+            one = len(set(where.values())) == 1  # then named once, not on every row
             lines += [("Wall time per phase (minutes; base evaluations are done once per domain and reused; "
-                       "\\* = resumed after an interruption, the time of the last attempt only):"), "",
-                      "| run | phases | total | machine |", "|---|---|---|---|"]
+                       "\\* = resumed after an interruption, the time of the last attempt only"
+                       + (f"; all on {next(iter(where.values()))}):" if one else "):")), "",
+                      "| run | phases | total |" + ("" if one else " machine |"),
+                      "|---|---|---|" + ("" if one else "---|")]
             for key, secs in timed:
                 resumed = set(runs[key].get("resumed") or ())
                 phases = ", ".join(f"{k} {v / 60:.1f}" + ("\\*" if k in resumed else "") for k, v in secs.items())
-                where = "; ".join(runs[key].get("machines") or ["not recorded"])
                 total = f"{sum(secs.values()) / 60:.1f}" + ("\\*" if resumed else "")
-                lines.append(f"| {key} | {phases} | {total} | {where} |")
+                lines.append(f"| {key} | {phases} | {total} |" + ("" if one else f" {where[key]} |"))
             lines.append("")
         lines += _provenance(runs)
     if plot:
