@@ -6,6 +6,9 @@ markers) and docs/results.png. Resumable: stop it at any point and run the same 
     python bench/study.py --dry-run                # what is left: phases, time estimate, `spd run` command
     python bench/study.py --only qwen2.5-coder-0.5b/code --only smollm2-135m/math
     python bench/study.py --report                 # only refresh the document from finished runs
+
+Before each refresh, finished exact-match evaluations are re-scored from their stored completions
+(``spd rescore``), so a fix to answer extraction reaches every run without rerunning a model.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
               show_default=True)
 def main(root, models, domains, n_train, epochs, batch_size, only, dry_run, report_only, doc):
     from spd.errors import SpdError
+    from spd.pipeline import rescore_tree
     from spd.study import (
         StudySettings,
         collect,
@@ -46,6 +50,8 @@ def main(root, models, domains, n_train, epochs, batch_size, only, dry_run, repo
                              batch_size=batch_size)
 
     def report():
+        if settings.root.is_dir():  # finished evaluations follow the current answer extraction
+            rescore_tree(settings.root, log=click.echo)
         collected = collect(settings)
         png = plot_scores(collected, doc.with_name("results.png"))
         try:

@@ -7,13 +7,21 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoTokenizer, LlamaForCausalLM
-
 from spd import SpdError
 from spd.cli import cli
-from spd.evaluate import (default_eval_size, evaluate, load_eval_examples, metric_of, read_predictions,
-                          reference_nll, save_results, score_predictions)
+from spd.evaluate import (
+    default_eval_size,
+    evaluate,
+    load_eval_examples,
+    metric_of,
+    read_predictions,
+    reference_nll,
+    rescore_file,
+    save_results,
+    score_predictions,
+)
 from spd.tasks import data_root, get_task
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from .conftest import save_tiny_llama
 
@@ -123,6 +131,80 @@ def test_bbh_normalized_exact_match():
     assert score_predictions(task, [opt], {opt.id: "So the answer is B."})["score"] == 1.0
     assert score_predictions(task, [opt], {opt.id: "So the answer is (C)."})["score"] == 0.0
     assert score_predictions(task, [opt], {opt.id: "So the answer is (b)."})["score"] == 0.0  # task rule: case matters
+
+
+def stale_bbh_result(monkeypatch):
+    """A BBH result scored by the rules before LaTeX answers were unwrapped, with extra fields."""
+    from spd.tasks import bbh
+
+    task = get_task("bbh")
+    rows = [("(B)", "date"), ("No", "web"), ("(A)", "date")]
+    exs = [task.make_example(str(i), {"input": "q", "target": t, "subtask": s}) for i, (t, s) in enumerate(rows)]
+    completions = dict(zip([ex.id for ex in exs], ["So the answer is \\boxed{B}.",
+                                                   "So the answer is \\(\\boxed{\\text{No}}\\).",
+                                                   "So the answer is (C)."]))
+    with monkeypatch.context() as m:
+        m.setattr(bbh, "unwrap_latex", lambda text: text)
+        m.setattr(bbh, "last_boxed", lambda text: None)
+        result = score_predictions(task, exs, completions)
+    for rec in result["records"]:
+        rec["n_tokens"] = 7
+    result["config"] = {"batch_size": 8}
+    return result
+
+
+def test_rescore_applies_the_current_extraction_to_saved_completions(tmp_path, monkeypatch):
+    stale = stale_bbh_result(monkeypatch)
+    assert stale["score"] == 0.0 and stale["records"][0]["extracted"] == "\\boxed{B}"
+    path = save_results(stale, tmp_path / "bbh.json")
+    assert rescore_file(path) == (0.0, pytest.approx(2 / 3))
+    saved = json.loads(path.read_text())
+    assert saved["score"] == pytest.approx(2 / 3) and saved["n_correct"] == 2 and saved["n"] == 3
+    assert saved["by_subtask"] == {"date": 0.5, "web": 1.0}
+    assert [r["extracted"] for r in saved["records"]] == ["B", "No", "(C)"]
+    assert all(r["n_tokens"] == 7 for r in saved["records"]) and saved["config"] == {"batch_size": 8}
+    assert saved["rescored"]["previous_score"] == 0.0 and list(saved)[-1] == "records"
+    assert rescore_file(path) is None and json.loads(path.read_text()) == saved  # idempotent: not rewritten
+
+
+def test_rescore_refuses_what_it_cannot_rescore(tmp_path):
+    nll = tmp_path / "codealpaca.json"
+    nll.write_text(json.dumps({"task": "codealpaca", "metric": "nll", "score": 1.2, "n": 0, "records": []}))
+    with pytest.raises(SpdError, match="codealpaca results .nll. cannot be re-scored"):
+        rescore_file(nll)
+    bad = tmp_path / "other.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(SpdError, match="other.json: not an evaluation result"):
+        rescore_file(bad)
+
+
+def test_cli_rescore_a_workdir(tmp_path, monkeypatch):
+    wd = tmp_path / "runs" / "r1"
+    save_results(stale_bbh_result(monkeypatch), wd / "eval" / "base" / "bbh.json")
+    untouched = json.dumps({"task": "codealpaca", "metric": "nll", "score": 1.2, "n": 1,
+                            "records": [{"id": "0", "nll": 1.2}]})
+    (wd / "eval" / "base" / "codealpaca.json").write_text(untouched)
+    manifest = {"config": {"model": "m", "method": "base"},
+                "phases": {"eval base bbh": {"status": "complete", "seconds": 3.0, "score": 0.0}}}
+    (wd / "manifest.json").write_text(json.dumps(manifest))
+    (wd / "results.json").write_text("{}")
+    result = CliRunner().invoke(cli, ["rescore", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "bbh.json: 0.0 -> 66.7" in result.output and "1 evaluation file changed" in result.output
+    assert json.loads((wd / "manifest.json").read_text())["phases"]["eval base bbh"]["score"] == pytest.approx(2 / 3)
+    assert json.loads((wd / "results.json").read_text())["scores"]["base"]["bbh"]["score"] == pytest.approx(2 / 3)
+    assert "66.7" in (wd / "report.md").read_text()
+    assert (wd / "eval" / "base" / "codealpaca.json").read_text() == untouched
+    again = CliRunner().invoke(cli, ["rescore", str(wd), str(wd / "eval" / "base" / "bbh.json")])
+    assert again.exit_code == 0 and "0 evaluation files changed" in again.output
+    # a run in progress: its evaluation files are re-scored, its manifest is left to the running process
+    save_results(stale_bbh_result(monkeypatch), wd / "eval" / "base" / "bbh.json")
+    manifest["phases"]["train"] = {"status": "running"}
+    (wd / "manifest.json").write_text(json.dumps(manifest))
+    assert CliRunner().invoke(cli, ["rescore", str(wd)]).exit_code == 0
+    assert json.loads((wd / "manifest.json").read_text()) == manifest
+    bad = CliRunner().invoke(cli, ["rescore", str(wd / "eval" / "base" / "codealpaca.json")])
+    assert bad.exit_code == 1 and "cannot be re-scored" in bad.output and "Traceback" not in bad.output
 
 
 # -- MBPP: the code runs against the asserts in the sandbox ----------------------------------------

@@ -13,6 +13,7 @@ from spd import SpdError
 from spd.tasks import DEFAULT_SUBTASKS, SUBTASKS, TASKS, Example, data_root, get_task
 from spd.tasks import base as tasks_base
 from spd.tasks.arith import generate
+from spd.tasks.base import last_boxed, unwrap_latex
 
 ROOT = data_root()
 needs_data = pytest.mark.skipif(ROOT is None or not (ROOT / "gsm8k").is_dir(),
@@ -355,6 +356,8 @@ def test_math_span_on_model_style_completions():
     ("B", "B"), ("(B)", "B"), ("B. 4", "B"), ("  C\nBecause ...", "C"),
     ("A good question. Answer: D", "D"), ("A good question.", None), ("Answer: E", None), ("", None),
     ("Answer: A then Answer: B", "B"), ("The answer is a bit unclear", None),
+    ("So the answer is \\(\\boxed{C}\\).", "C"), ("Steps... Therefore \\boxed{B}.", "B"),
+    ("Steps... \\boxed{42}", None), ("Answer: $\\text{D}$", "D"),
 ])
 def test_mmlu_extract(text, expected):
     assert get_task("mmlu").extract(text) == expected
@@ -386,11 +389,30 @@ def test_mmlu_span_requires_the_gold_letter():
     ("-11520", "So the answer is -11,520.", True),
     ("syndrome therefrom", "So the answer is Syndrome  therefrom.", True),
     ("Yes", "", False),
+    ("(B)", "So the answer is \\boxed{B}.", True),  # LaTeX-wrapped answers (Qwen2.5 models write them)
+    ("(E)", "Therefore, the answer is \\(\\boxed{E}\\).", True),
+    ("(E)", "So the answer is \\(\\boxed{D}\\).", False),
+    ("No", "So the answer is \\boxed{\\text{No}}.", True),
+    ("(B)", "Steps.\nSo the date is \\(\\boxed{B}\\).", True),  # no marker: the last \\boxed
+    ("(B)", "Steps.\nFirst \\boxed{B}, then \\boxed{C}.", False),
 ])
 def test_bbh_extract_and_score(target, text, ok):
     task = get_task("bbh")
     ex = Example("x", "q", target, f"So the answer is {target}.", {})
     assert task.score(ex, text) == float(ok)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\(\\boxed{E}\\)", "E"), ("\\boxed{\\text{Yes}}", "Yes"), ("$\\mathbf{12}$", "12"),
+    ("\\[ x \\]", " x "), ("(B) plain", "(B) plain"), ("\\boxed{a{b}}", "\\boxed{a{b}}"),
+])
+def test_unwrap_latex(text, expected):
+    assert unwrap_latex(text) == expected
+
+
+def test_last_boxed():
+    assert last_boxed("a \\boxed{1} b \\(\\boxed{\\text{No}}\\).") == "No"
+    assert last_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}" and last_boxed("none") is None
 
 
 def test_bbh_extract_normalizes():

@@ -329,6 +329,30 @@ def report(workdirs, out, plot):
         click.echo(f"wrote {plot}")
 
 
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+def rescore(paths):
+    """Re-score saved evaluations from their completions with the current answer extraction.
+
+    PATHS: result JSON files, `spd run` workdirs or folders of them. No model runs; only
+    exact-match tasks (GSM8K, SVAMP, MMLU, BBH) are re-scored; changed files are rewritten
+    atomically with the previous score under "rescored".
+    """
+    from pathlib import Path
+
+    from .evaluate import rescore_file
+    from .pipeline import rescore_tree
+
+    changed = 0
+    for path in map(Path, paths):
+        if path.is_dir():
+            changed += len(rescore_tree(path, log=click.echo))
+        elif (got := rescore_file(path)) is not None:
+            changed += 1
+            click.echo(f"[rescore] {path}: {100 * got[0]:.1f} -> {100 * got[1]:.1f}")
+    click.echo(f"{changed} evaluation file{'s' if changed != 1 else ''} changed")
+
+
 @cli.group()
 def bench():
     """Benchmarks: projection hook overhead, gradient capture, SVD, training steps (numbers, not tests)."""

@@ -17,13 +17,15 @@ Metrics, one per task (``metric_of``):
     correct when it exits with 0 within the limits after running every assert (10 s wall clock,
     1 GiB address space per program; no network; nothing it writes reaches the host).
   * mmlu — ``accuracy`` of the answer letter: the letter after the last "Answer:" / "answer is"
-    (optionally in parentheses, brackets or bold), else a letter that opens the completion on its
-    own ("B", "(B)", "B.", "B)"); compared with the gold letter.
+    (optionally in parentheses, brackets, bold or LaTeX: ``\\(\\boxed{B}\\)``), else the letter of
+    the last ``\\boxed{}``, else a letter that opens the completion on its own ("B", "(B)", "B.",
+    "B)"); compared with the gold letter.
   * bbh — ``exact_match`` after normalization (``task.score``): the text after the last "the
-    answer is" up to the end of that line (a one-line completion without the phrase is taken
-    whole), casefolded, whitespace collapsed, surrounding quotes/markdown and a final period
-    dropped; option targets "(B)" also match "B"/"(B) ..."; one-word targets ("Yes", "True") match
-    a leading word ("Yes, because ..."); numeric targets compare by value. ``by_subtask`` gives the
+    answer is" up to the end of that line (else the last ``\\boxed{}``; a one-line completion
+    without either is taken whole), LaTeX wrappers removed (``\\boxed{\\text{No}}`` -> ``No``),
+    casefolded, whitespace collapsed, surrounding quotes/markdown and a final period dropped;
+    option targets "(B)" also match "B"/"(B) ..."; one-word targets ("Yes", "True") match a
+    leading word ("Yes, because ..."); numeric targets compare by value. ``by_subtask`` gives the
     accuracy per BBH subtask.
   * codealpaca — ``nll``: the mean negative log-likelihood (nats per token) of the reference
     output given the prompt, teacher-forced. The conversation is rendered with the chat template
@@ -31,6 +33,9 @@ Metrics, one per task (``metric_of``):
     reference's tokens are the tokens overlapping its characters (the template's end-of-turn
     token is not counted), the NLL is averaged over those tokens per example, then over examples.
     Lower is better. Needs a model: predictions cannot be scored.
+
+``rescore_file`` / ``spd rescore`` re-apply these rules to saved results (their completions are
+kept), so a fix to extraction does not mean rerunning a model.
 
 Default evaluation sets (``load_eval_examples``): the task's test split, and as many examples as
 the paper — GSM8K 100, SVAMP 100, MBPP the whole sanitized test split (157 rows here), CodeAlpaca
@@ -186,19 +191,67 @@ def score_predictions(task, examples, predictions: dict, *, progress: bool = Fal
         _run_mbpp(task, examples, records, progress=progress, workers=workers, limits=limits)
     else:
         for ex, rec in zip(examples, records):
-            rec["extracted"] = task.extract(rec["completion"])
-            rec["answer"] = ex.answer
-            rec["correct"] = task.score(ex, rec["completion"]) == 1.0
+            _score_record(task, ex, rec)
+    return _summary(task, metric, records)
+
+
+def _score_record(task, ex, rec: dict) -> None:
+    """Fill an exact-match record's ``extracted``, ``answer`` and ``correct`` from its completion."""
+    rec["extracted"] = task.extract(rec["completion"])
+    rec["answer"] = ex.answer
+    rec["correct"] = task.score(ex, rec["completion"]) == 1.0
+
+
+def _summary(task, metric: str, records: list[dict]) -> dict:
+    """The result dict of scored ``records``: score, counts, BBH's per-subtask accuracy."""
     n_correct = sum(r["correct"] for r in records)
     result = {"task": task.name, "metric": metric, "score": n_correct / len(records), "n": len(records),
               "n_correct": n_correct}
     if task.name.startswith("bbh"):
         by: dict[str, list[bool]] = {}
-        for ex, rec in zip(examples, records):
-            by.setdefault(ex.fields.get("subtask", ""), []).append(rec["correct"])
+        for rec in records:  # BBH ids are "<subtask>/<line>"
+            by.setdefault(rec["id"].rpartition("/")[0], []).append(rec["correct"])
         result["by_subtask"] = {k: sum(v) / len(v) for k, v in by.items()}
     result["records"] = records
     return result
+
+
+def rescore_file(path) -> tuple[float, float] | None:
+    """Re-score a saved exact-match result (``spd eval`` / ``spd run`` JSON) from its stored
+    completions with the current extraction rules; rewrite it (atomically, noting the previous
+    score under ``rescored``) only if a record changed. Returns (old, new) score, or None when
+    nothing changed. MBPP (executed) and NLL results are not re-scorable: SpdError."""
+    from .tasks import Example, get_task
+
+    path = Path(path).expanduser()
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        task = get_task(result["task"])
+        records = result["records"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SpdError(f"{path}: not an evaluation result ({exc.__class__.__name__}: {exc})") from None
+    metric = metric_of(task)
+    if metric in ("pass@1", "nll"):
+        raise SpdError(f"{path}: {task.name} results ({metric}) cannot be re-scored from completions; "
+                       f"evaluate again (spd eval --predictions for MBPP)")
+    changed = False
+    for rec in records:
+        before = (rec.get("extracted"), rec.get("correct"))
+        _score_record(task, Example(str(rec["id"]), "", rec["answer"], None), rec)
+        changed |= before != (rec["extracted"], rec["correct"])
+    if not changed:
+        return None
+    old = result["score"]
+    extra = {k: v for k, v in result.items() if k not in ("task", "metric", "score", "n", "n_correct",
+                                                         "by_subtask", "records", "rescored")}
+    summary = _summary(task, metric, records)
+    records = summary.pop("records")
+    from datetime import datetime, timezone
+
+    rescored = {"at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "previous_score": (result.get("rescored") or {}).get("previous_score", old)}
+    save_results({**summary, **extra, "rescored": rescored, "records": records}, path)
+    return old, summary["score"]
 
 
 def _run_mbpp(task, examples, records, *, progress, workers, limits) -> None:

@@ -286,11 +286,58 @@ def _evaluate(model, tok, name: str, out: Path, config: RunConfig, adapter: Path
 
 
 def _finish(wd: Workdir) -> Path:
+    return _write_summary(wd.path)
+
+
+def _write_summary(path: Path) -> Path:
     from .report import run_report, run_results
 
-    results = run_results(wd.path)
-    with atomic_file(wd.path / "results.json", "w") as fh:
+    results = run_results(path)
+    with atomic_file(path / "results.json", "w") as fh:
         json.dump(results, fh, indent=1)
-    with atomic_file(wd.path / "report.md", "w") as fh:
-        fh.write(run_report([wd.path]))
-    return wd.path / "report.md"
+    with atomic_file(path / "report.md", "w") as fh:
+        fh.write(run_report([path]))
+    return path / "report.md"
+
+
+def rescore_tree(root: str | Path, log=print) -> list[tuple[Path, float, float]]:
+    """Re-score every exact-match evaluation (``eval/<label>/<task>.json``) of the runs under
+    ``root`` (a workdir or a folder of them) from its stored completions with the current
+    extraction rules (``spd.evaluate.rescore_file``): after a scoring fix, no model is rerun.
+    MBPP and CodeAlpaca results are left alone. A changed run's manifest phase score (unless the
+    run is in progress) and its results.json/report.md (if written) follow. Returns (file, old, new)
+    for each changed file."""
+    from .evaluate import metric_of, rescore_file
+    from .tasks import get_task
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SpdError(f"not a folder: {root}")
+    changed, tasks = [], {}
+    for path in sorted(root.glob("**/eval/*/*.json")):
+        try:
+            tasks[path] = json.loads(path.read_text(encoding="utf-8"))["task"]
+            if metric_of(get_task(tasks[path])) in ("pass@1", "nll"):
+                continue
+        except (OSError, ValueError, KeyError, TypeError, SpdError):
+            continue  # not an evaluation result: not ours to touch
+        got = rescore_file(path)
+        if got is not None:
+            changed.append((path, *got))
+            log(f"[rescore] {path}: {100 * got[0]:.1f} -> {100 * got[1]:.1f}")
+    for workdir in dict.fromkeys(path.parents[2] for path, _, _ in changed):
+        manifest_path = workdir / "manifest.json"
+        if not manifest_path.is_file():
+            continue
+        manifest = json.loads(manifest_path.read_text())
+        phases = manifest.get("phases", {})
+        if not any(p.get("status") == "running" for p in phases.values()):
+            for path, _, new in changed:
+                phase = phases.get(f"eval {path.parent.name} {tasks[path]}")
+                if path.parents[2] == workdir and phase and "score" in phase:
+                    phase["score"] = new
+            with atomic_file(manifest_path, "w") as fh:
+                json.dump(manifest, fh, indent=1)
+            if (workdir / "results.json").is_file():
+                _write_summary(workdir)
+    return changed

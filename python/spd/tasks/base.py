@@ -247,6 +247,28 @@ def _one_or_many(rels):
     return rels[0] if len(rels) == 1 else tuple(rels)
 
 
+# -- LaTeX-wrapped answers ----------------------------------------------------------------------
+LATEX_WRAPPER = re.compile(r"\\(?:boxed|fbox|text|textbf|textrm|mathrm|mathbf)\s*\{([^{}]*)\}")
+LATEX_DELIMITER = re.compile(r"\\[()\[\]]|\$")
+LAST_BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def unwrap_latex(text: str) -> str:
+    """``text`` without LaTeX answer wrappers: ``\\(\\boxed{\\text{Yes}}\\)`` -> ``Yes``
+    (``\\boxed``/``\\text``-like commands unwrapped, ``\\( \\) \\[ \\] $`` dropped)."""
+    while True:
+        unwrapped = LATEX_WRAPPER.sub(r"\1", text)
+        if unwrapped == text:
+            return LATEX_DELIMITER.sub("", text)
+        text = unwrapped
+
+
+def last_boxed(completion: str) -> str | None:
+    """The unwrapped content of the last ``\\boxed{...}`` in ``completion``, if any."""
+    hits = list(LAST_BOXED.finditer(completion))
+    return unwrap_latex(hits[-1].group(1)).strip() if hits else None
+
+
 # -- numbers (math tasks) ----------------------------------------------------------------------
 NUMBER = re.compile(r"(?<![\w.])(?:-\$?|\$-?)?(\d{1,3}(?:,\d{3})+(?!\d)|\d+)(\.\d+)?")
 FINAL_MARKER = re.compile(r"answer\s*(?:is|:|=)|####|\\boxed\{", re.IGNORECASE)

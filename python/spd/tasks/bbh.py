@@ -12,7 +12,15 @@ import re
 from pathlib import Path
 
 from ..errors import SpdError
-from .base import Example, Task, numbers_in, read_jsonl, seeded_subset
+from .base import (
+    Example,
+    Task,
+    last_boxed,
+    numbers_in,
+    read_jsonl,
+    seeded_subset,
+    unwrap_latex,
+)
 
 SUBTASKS = (
     "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa",
@@ -129,17 +137,20 @@ class BBH(Task):
         return [hits[-1].span()] if hits else []
 
     def extract(self, completion: str) -> str | None:
-        """The text after the last "the answer is" up to the line end (final period removed); a
-        one-line completion without that phrase is taken whole."""
+        """The text after the last "the answer is" up to the line end (final period removed), else
+        the last ``\\boxed{...}``, else a one-line completion whole; LaTeX wrappers are removed
+        (``\\(\\boxed{B}\\)`` -> ``B``)."""
         hits = list(MARKER.finditer(completion))
         if hits:
             text = completion[hits[-1].end():].split("\n", 1)[0]
+        elif (boxed := last_boxed(completion)) is not None:
+            text = boxed
         else:
             lines = [line for line in completion.strip().splitlines() if line.strip()]
             if len(lines) != 1:
                 return None
             text = lines[0]
-        text = " ".join(text.split()).lstrip(": ").strip("*`\"' ").rstrip(".").strip("*`\"' ")
+        text = " ".join(unwrap_latex(text).split()).lstrip(": ").strip("*`\"' ").rstrip(".").strip("*`\"' ")
         return text or None
 
     def score(self, ex: Example, completion: str) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .base import BadRecord, Example, Task
+from .base import BadRecord, Example, Task, last_boxed, unwrap_latex
 
 LETTERS = "ABCD"
 AFTER_ANSWER = re.compile(r"(?i:answer\s*(?:is|:))\s*[(*\[]*\s*([A-D])(?![A-Za-z0-9])")
@@ -54,11 +54,16 @@ class MMLU(Task):
         return [hits[-1].span(1)]
 
     def extract(self, completion: str) -> str | None:
-        """The letter after the last "Answer:" / "answer is", else a lone leading letter ("B", "(B)", "B.")."""
-        hits = list(AFTER_ANSWER.finditer(completion))
+        """The letter after the last "Answer:" / "answer is", else the last ``\\boxed{X}``, else a lone
+        leading letter ("B", "(B)", "B."); LaTeX wrappers are removed first ("answer is \\(\\boxed{B}\\)")."""
+        text = unwrap_latex(completion)
+        hits = list(AFTER_ANSWER.finditer(text))
         if hits:
             return hits[-1].group(1).upper()
-        m = LONE_LETTER.match(completion)
+        m = LONE_LETTER.fullmatch(last_boxed(completion) or "")
+        if m:
+            return m.group(1)
+        m = LONE_LETTER.match(text)
         return m.group(1) if m else None
 
     def score(self, ex: Example, completion: str) -> float:
