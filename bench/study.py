@@ -61,11 +61,24 @@ def main(root, models, domains, n_train, epochs, batch_size, only, dry_run, repo
         refresh_document(doc, render(collected, plot=plot))
         click.echo(f"[study] wrote {doc}")
 
+    def report_in_child():
+        """The refresh after each run, in a fresh process: a study runs for hours, and a fix to
+        scoring or rendering made meanwhile should reach the document without a restart."""
+        import subprocess
+
+        args = [sys.executable, __file__, "--report", "--root", str(root), "--models", models, "--domains",
+                domains, "--n-train", str(n_train), "--epochs", str(epochs), "--batch-size", str(batch_size),
+                "--doc", str(doc)]
+        if subprocess.run(args, check=False).returncode != 0:
+            click.echo("[study] the report failed (see above); the runs go on")
+
     try:
         if not report_only:
             run_study(settings, only=list(only) or None, dry_run=dry_run, log=click.echo,
-                      after_each=report)
-        if not dry_run:
+                      after_each=report_in_child)
+            if not dry_run:
+                report_in_child()
+        else:
             report()
     except SpdError as exc:
         raise click.ClickException(str(exc)) from None
