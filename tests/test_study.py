@@ -192,6 +192,19 @@ def test_collect_and_render(tmp_path, monkeypatch):
     assert plot_scores(collect(StudySettings(root=tmp_path / "empty", models=("m",))), tmp_path / "none.png") is None
 
 
+def test_bbh_subtasks_get_their_own_table(tmp_path):
+    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False)
+    by_key = {r.key: r for r in st.runs()}
+    for key, by in (("qa/base", {"navigate": 0.5, "web_of_lies": 0.14}), ("qa/spd", {"navigate": 0.56})):
+        label = key.split("/")[1]
+        path = by_key[key].workdir(tmp_path) / "eval" / label / "bbh.json"
+        _eval(path, "bbh", [1, 0, 0])
+        path.write_text(json.dumps({**json.loads(path.read_text()), "by_subtask": by}))
+    text = render(collect(st))
+    assert "| run | navigate | web of lies |\n|---|---|---|\n| qa/base | 50 | 14 |\n| qa/spd | 56 | … |" in text
+    assert "BBH per subtask" not in render(collect(StudySettings(root=tmp_path / "none", models=("m",))))
+
+
 def test_refresh_document_keeps_hand_written_text(tmp_path):
     doc = tmp_path / "RESULTS.md"
     refresh_document(doc, "table one")

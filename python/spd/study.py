@@ -378,6 +378,8 @@ def collect(settings: StudySettings) -> dict:
                 ids, values = per_example(res)
                 ci = bootstrap_ci(values, seed=settings.seed)
                 entry["scores"][task] = {"metric": res["metric"], **ci}
+                if res.get("by_subtask"):
+                    entry["by_subtask"] = res["by_subtask"]
                 vectors[(run.key, task)] = dict(zip(ids, values))
             manifest = wd / "manifest.json"
             if manifest.is_file():
@@ -487,6 +489,7 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                       f"| full (ours) | {_cell(ab, 'gsm8k')} | {_cell(ab, 'svamp')} |",
                       f"| aligned (paper) | {PAPER['spd']['gsm8k']:g} | {PAPER['spd']['svamp']:g} |",
                       f"| full (paper) | {PAPER_ABLATION['gsm8k']:g} | {PAPER_ABLATION['svamp']:g} |", ""]
+        lines += _subtask_table(runs)
         if m["paired"]:
             lines += [("Paired tests (same evaluation examples): difference of the score (first minus second; "
                       "for NLL, negative favours the first), 95% paired bootstrap interval, two-sided p "
@@ -540,6 +543,20 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                    f"figures ({PAPER_MODEL}) for the same method."), ""]
     lines += ["Settings: " + ", ".join(f"{k}={_setting(k, v)}" for k, v in st.items() if k != "extra"), ""]
     return "\n".join(lines)
+
+
+def _subtask_table(runs: dict) -> list[str]:
+    """BBH accuracy per subtask (%) of each run that has it (markdown lines; none if no run has)."""
+    rows = [(key, r["by_subtask"]) for key, r in runs.items() if r.get("by_subtask")]
+    if not rows:
+        return []
+    subtasks = list(dict.fromkeys(name for _, by in rows for name in by))
+    lines = ["BBH per subtask (accuracy %, 50 examples each):", "",
+             "| run | " + " | ".join(name.replace("_", " ") for name in subtasks) + " |",
+             "|---|" + "---|" * len(subtasks)]
+    for key, by in rows:
+        lines.append(f"| {key} | " + " | ".join(f"{100 * by[n]:.0f}" if n in by else "…" for n in subtasks) + " |")
+    return lines + [""]
 
 
 def _provenance(runs: dict) -> list[str]:
