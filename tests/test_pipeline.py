@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from spd import SpdError
 from spd.cli import cli
-from spd.pipeline import RunConfig, run
+from spd.pipeline import RunConfig, run, ssd_drops_one_line
+from spd.tasks import get_task
 from spd.subspace import Subspace
 
 from .conftest import save_tiny_llama
@@ -119,3 +120,28 @@ def test_run_bad_input_is_one_line(tiny_dir, tmp_path, args, message):
 def test_report_of_a_non_run_folder_is_an_error(tmp_path):
     result = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "not an spd run folder" in result.output
+
+
+@pytest.mark.parametrize("method, task, drops", [
+    ("ssd", "gsm8k", True), ("ssd", "mbpp", True), ("ssd", "mmlu", False), ("ssd", "bbh", False),
+    ("psr", "gsm8k", False), ("spd", "mbpp", False),
+])
+def test_ssd_one_line_filter_spares_one_line_answer_tasks(method, task, drops):
+    assert ssd_drops_one_line(method, get_task(task)) is drops
+
+
+def test_ssd_run_passes_the_filter_to_training(tiny_dir, tmp_path, monkeypatch):
+    seen, logged = [], []
+
+    def fake_train(*args, drop_trivial, **kw):
+        seen.append(drop_trivial)
+        raise Interrupt
+
+    monkeypatch.setattr("spd.train.train", fake_train)
+    with pytest.raises(Interrupt):
+        run(config(tiny_dir, method="ssd"), tmp_path / "a", log=logged.append)
+    monkeypatch.setattr(type(get_task("arith")), "one_line_answers", True)
+    with pytest.raises(Interrupt):
+        run(config(tiny_dir, method="ssd"), tmp_path / "b", log=logged.append)
+    assert seen == [True, False]
+    assert any("one-line filter is off for arith" in line for line in logged)

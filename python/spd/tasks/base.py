@@ -119,6 +119,7 @@ class Task:
     required: tuple[str, ...] = ()  # fields every record needs (after ``normalize``)
     max_new_tokens: int = 256
     stop_strings: tuple[str, ...] = ()
+    one_line_answers: bool = False  # a complete answer is one line (MMLU's "Answer: B")
 
     # -- data sources ------------------------------------------------------------------------
     @property

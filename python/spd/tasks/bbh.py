@@ -77,6 +77,7 @@ class BBH(Task):
     hubs = {"train": ("lukaemon/bbh", None, "test"), "test": ("lukaemon/bbh", None, "test")}
     required = ("input", "target")
     max_new_tokens = 384
+    one_line_answers = True  # "So the answer is (B)." (reasoning before it is optional)
 
     def __init__(self, subtasks: tuple[str, ...] = DEFAULT_SUBTASKS, name: str = "bbh"):
         self.subtasks = tuple(subtasks)

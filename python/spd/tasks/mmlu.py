@@ -27,6 +27,7 @@ class MMLU(Task):
     holdout = 1000
     required = ("question", "choices", "answer")
     max_new_tokens = 32
+    one_line_answers = True
 
     def normalize(self, record: dict) -> dict:
         answer = record.get("answer")
