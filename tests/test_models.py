@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from spd import SpdError
-from spd import models
+from spd import SpdError, models
 from spd.arch import get_adapter
 from spd.chat import answer
-from spd.models import ALIASES, PackagedGGUF, converted_gguf_dir, load, load_tokenizer, resolve
+from spd.models import (
+    ALIASES,
+    PackagedGGUF,
+    converted_gguf_dir,
+    load,
+    load_tokenizer,
+    resolve,
+)
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def test_default_model_loads_end_to_end(default_model):
@@ -141,3 +148,51 @@ def test_qwen_alias_when_installed():
     assert model.config.model_type == "qwen2"
     assert (adapter.n_layers, adapter.d_kv) == (24, 128)
     assert adapter.site(0, "k").linear.bias is not None
+
+
+def _fake_gguf(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """The same file at two paths (two virtual environments) shares one converted copy; the
+    digest is read from the file once per path, size and mtime."""
+    monkeypatch.setenv("SPD_CACHE_DIR", str(tmp_path / "cache"))
+    a = _fake_gguf(tmp_path / "venv1" / "m.gguf", b"GGUF same bytes")
+    b = _fake_gguf(tmp_path / "venv2" / "m.gguf", b"GGUF same bytes")
+    c = _fake_gguf(tmp_path / "venv3" / "m.gguf", b"GGUF other bytes")
+    assert converted_gguf_dir(a) == converted_gguf_dir(b) != converted_gguf_dir(c)
+    assert converted_gguf_dir(a).name.startswith("m-")
+    reads = []
+    monkeypatch.setattr(models, "file_sha256", lambda p: reads.append(p) or "0" * 64)
+    converted_gguf_dir(a)
+    assert reads == []  # remembered
+    os.utime(a, ns=(1, 1))
+    assert converted_gguf_dir(a).name == "m-" + "0" * 16 and reads == [a]  # changed mtime: read again
+
+
+def test_legacy_copy_is_adopted_and_orphans_removed(tmp_path, monkeypatch):
+    """A copy made by earlier versions (keyed by path and mtime) becomes the content-keyed copy without a
+    second conversion; such copies that no version can find any more (file gone or changed) are removed, others kept."""
+    monkeypatch.setenv("SPD_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = _fake_gguf(tmp_path / "venv" / "m.gguf", b"not really a GGUF")
+    other = _fake_gguf(tmp_path / "other" / "m.gguf", b"another install")
+
+    def legacy(source: Path | str, folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "spd-source.json").write_text(json.dumps({"gguf": str(source), "size": 1}))
+        return folder
+
+    converted = tmp_path / "cache" / "converted"
+    mine = legacy(gguf.resolve(), models._legacy_copy(gguf))
+    orphan = legacy(tmp_path / "deleted-venv" / "m.gguf", converted / "m-0123456789abcdef")
+    in_use = legacy(other.resolve(), models._legacy_copy(other))
+    replaced = legacy(other.resolve(), converted / "m-fedcba9876543210")  # the same path, an older file
+    unrelated = legacy(tmp_path / "gone" / "n.gguf", converted / "n-0123456789abcdef")
+    target = models.convert_gguf(gguf)  # a real conversion would fail on this file
+    assert target == converted_gguf_dir(gguf) and (target / "config.json").is_file()
+    assert not mine.exists() and not orphan.exists() and not replaced.exists()
+    assert in_use.exists() and unrelated.exists()

@@ -1,7 +1,8 @@
 """Model loading: aliases of packaged GGUF models, local HF folders, local .gguf files, hub ids.
 
 ``load(name_or_path)`` returns ``(model, tokenizer)``. A GGUF file is dequantized by transformers
-once and the converted copy (safetensors) is cached, so later loads take about a second.
+once and the converted copy (safetensors) is cached by the file's content, so later loads take about a
+second, also from another install of the same file.
 """
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ._io import atomic_dir, atomic_file, cache_root
+from ._io import atomic_dir, atomic_file, cache_root, file_sha256
 from .errors import SpdError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+MAX_REMEMBERED_DIGESTS = 64  # GGUF digests kept in the cache (one per path, size and mtime)
 
 
 @dataclass(frozen=True)
@@ -162,16 +166,59 @@ def resolve(name_or_path: str) -> tuple[str, Path | str]:
                    "a transformers folder, a .gguf file or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
 
 
+def gguf_digest(gguf: Path) -> str:
+    """sha256 of a GGUF file's bytes, remembered per (path, size, mtime) so each file is read once."""
+    st = gguf.stat()
+    stamp = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo = cache_root() / "gguf-digests.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(stamp), str):
+        known = {k: v for k, v in (known.items() if isinstance(known, dict) else ()) if k != stamp}
+        known[stamp] = file_sha256(gguf)
+        with contextlib.suppress(OSError), atomic_file(memo, "w") as out:  # a cache: losing it costs a re-read
+            json.dump(dict(list(known.items())[-MAX_REMEMBERED_DIGESTS:]), out, indent=1)
+    return known[stamp]
+
+
 def converted_gguf_dir(gguf: Path) -> Path:
-    """Cache folder of the dequantized copy of ``gguf`` (keyed by its path, size and mtime)."""
+    """Cache folder of the dequantized copy of ``gguf``, keyed by the file's content: the same model
+    installed at another path (a fresh virtual environment, a CI clone) reuses the copy."""
+    return cache_root() / "converted" / f"{gguf.stem}-{gguf_digest(gguf)[:16]}"
+
+
+def _legacy_copy(gguf: Path) -> Path:
+    """Where earlier spd versions kept the copy of ``gguf`` (keyed by path, size and mtime, not content)."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_root() / "converted" / f"{gguf.stem}-{key}"
 
 
+def _tidy_legacy_copies(gguf: Path, target: Path) -> None:
+    """Adopt the path-keyed copy of ``gguf`` that earlier versions made as ``target`` (no second
+    conversion), and remove path-keyed copies no spd can find any more (their file is gone or has
+    changed): each fresh virtual environment, every CI run, used to leave one behind."""
+    legacy = _legacy_copy(gguf)
+    if legacy != target and (legacy / "config.json").is_file() and not target.exists():
+        with contextlib.suppress(OSError):
+            os.replace(legacy, target)
+    for other in target.parent.glob(f"{gguf.stem}-*"):
+        try:
+            source = json.loads((other / "spd-source.json").read_text())
+        except (OSError, ValueError):
+            continue
+        src = Path(source.get("gguf", ""))
+        reachable = src.is_file() and src != gguf.resolve() and _legacy_copy(src) == other  # by an old spd
+        if other != target and "sha256" not in source and not reachable:
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file with transformers once; return the cached transformers folder."""
     target = converted_gguf_dir(gguf)
+    _tidy_legacy_copies(gguf, target)
     if (target / "config.json").is_file():
         return target
     if importlib.util.find_spec("gguf") is None:
@@ -189,7 +236,7 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "spd-source.json").write_text(json.dumps(
-            {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}, indent=1))
+            {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "sha256": gguf_digest(gguf)}, indent=1))
     return target
 
 
