@@ -246,6 +246,20 @@ def test_corpus_quality_scores_the_corpus_against_the_gold_answers(tmp_path, mon
     assert list(q["per_example"].values()) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert list(q["per_example"]) == [ex.id for ex in examples]
     assert json.loads((wd / "corpus_quality.json").read_text())["corpus_sha256"] == q["corpus_sha256"]
+    assert q["loss_on_completion"] is None  # the stand-in tokenizer has no chat template or offsets
+
+    # a cache from before the loss share existed gets it added, without scoring the corpus again
+    import spd.evaluate
+    import spd.train
+
+    cached = json.loads((wd / "corpus_quality.json").read_text())
+    del cached["loss_on_completion"]
+    (wd / "corpus_quality.json").write_text(json.dumps(cached))
+    monkeypatch.setattr(spd.train, "completion_share", lambda tok, records: len(records) / 100)
+    monkeypatch.setattr(spd.evaluate, "score_predictions", lambda *a: pytest.fail("scored again"))
+    again = corpus_quality(st, run)
+    assert again["loss_on_completion"] == pytest.approx(0.06) and again["per_example"] == q["per_example"]
+    assert json.loads((wd / "corpus_quality.json").read_text())["loss_on_completion"] == pytest.approx(0.06)
 
 
 def test_identical_completions_counts_same_prompt_same_text(tmp_path):
@@ -276,6 +290,7 @@ def test_spd_corpus_compared_with_each_baseline_corpus_prompt_by_prompt(tmp_path
             return None
         return {"task": "gsm8k", "n": 8, "accuracy": {"mean": sum(right[run.method]) / 8, "lo": 0.0, "hi": 1.0},
                 "mean_tokens": 9.0, "hit_cap": 0, "empty": 0,
+                "loss_on_completion": 0.027 if run.method == "spd" else None,
                 "per_example": dict(zip(ids, map(float, right[run.method])))}
 
     monkeypatch.setattr(spd.study, "corpus_quality", quality)
@@ -286,3 +301,5 @@ def test_spd_corpus_compared_with_each_baseline_corpus_prompt_by_prompt(tmp_path
     assert got["math/spd vs math/ssd"]["wins"] == 6
     text = render(collect(st))
     assert "| math/spd vs math/psr corpus | gsm8k | 37.5 |" in text
+    assert "| math/spd | gsm8k | 8 | 75.0 [0.0, 100.0] | 9 | 0 | 0 | - | 2.7 |" in text
+    assert "| math/ssd | gsm8k | 8 | 0.0 [0.0, 100.0] | 9 | 0 | 0 | - | - |" in text

@@ -17,7 +17,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
 
 from spd import SpdError
 from spd.cli import cli
-from spd.train import IGNORE, Collator, build_examples, encode_record, lora_targets, read_corpus, train
+from spd.train import (IGNORE, Collator, CorpusRecord, build_examples, completion_share, encode_record, lora_targets,
+                       read_corpus, train)
 
 from .conftest import save_tiny_llama
 
@@ -117,6 +118,20 @@ def test_labels_without_chat_template_end_with_eos(tok):
     assert plain.decode(enc["input_ids"]) == "What is 2 plus 2?\n\nIt is 4." + plain.eos_token
     targets = [t for t in enc["labels"] if t != IGNORE]
     assert plain.decode(targets) == "It is 4." + plain.eos_token and enc["labels"][-1] == plain.eos_token_id
+
+
+def test_completion_share_counts_the_completion_and_end_of_turn_tokens(tok):
+    """The share of the default loss on the completions: completion tokens plus <|im_end|> over all
+    targets (every token but the first); empty completions are not trained on, so not counted."""
+    pairs = [("Which letter? " * 20, "Answer: C"), ("What is 2 plus 2?", "We add 2 and 2.\nThe answer is 4.")]
+    records = [CorpusRecord(line=i, id=str(i), prompt=p, completion=c) for i, (p, c) in enumerate(pairs)]
+    completion = sum(len(tok(c, add_special_tokens=False)["input_ids"]) + 1 for _, c in pairs)
+    total = sum(len(encode_record(tok, p, c)["input_ids"]) - 1 for p, c in pairs)
+    share = completion_share(tok, records + [CorpusRecord(line=2, id="e", prompt="Say nothing.", completion=" ")])
+    assert share == pytest.approx(completion / total)
+    long_prompt_only = completion_share(tok, records[:1])
+    assert 0 < long_prompt_only < share < 1  # a one-letter answer after a long prompt: little of the loss
+    assert completion_share(tok, []) is None
 
 
 def test_truncation_and_drops(tok, corpus):

@@ -296,8 +296,9 @@ QUALITY_VERSION = 3  # bump when corpus_quality's numbers change meaning (the ca
 
 
 def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
-    """Accuracy of the generated corpus against the training prompts' gold answers, mean length
-    and cap hits (cached in ``<workdir>/corpus_quality.json`` by corpus hash)."""
+    """Accuracy of the generated corpus against the training prompts' gold answers, mean length,
+    cap hits and the share of the training loss on the completions (cached in
+    ``<workdir>/corpus_quality.json`` by corpus hash)."""
     from ._io import file_sha256
     from .evaluate import read_predictions, score_predictions
     from .generate import corpus_finished
@@ -313,7 +314,9 @@ def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("corpus_sha256") == digest and cached.get("version") == QUALITY_VERSION:
-            return cached
+            if "loss_on_completion" in cached:
+                return cached
+            return _with_completion_share(cached, cache, corpus, load_tokenizer(run.model))
     task = get_task(run.task)
     examples = task.load(split="train", n=settings.n_train, seed=settings.seed)
     preds = read_predictions(corpus, examples, task_name=task.name)
@@ -331,9 +334,18 @@ def corpus_quality(settings: StudySettings, run: StudyRun) -> dict | None:
            "hit_cap": sum(r.get("stop") == "length" for r in records),
            "empty": sum(not r["completion"].strip() for r in records),
            "per_example": dict(zip(ids, values))}
+    return _with_completion_share(out, cache, corpus, tokenizer)
+
+
+def _with_completion_share(quality: dict, cache: Path, corpus: Path, tokenizer) -> dict:
+    """``quality`` with ``loss_on_completion`` (added to caches made before it existed), saved."""
+    from . import train
+
+    if "loss_on_completion" not in quality:
+        quality["loss_on_completion"] = train.completion_share(tokenizer, train.read_corpus(corpus))
     with atomic_file(cache, "w") as fh:
-        json.dump(out, fh, indent=1)
-    return out
+        json.dump(quality, fh, indent=1)
+    return quality
 
 
 def identical_completions(corpus: Path, other: Path) -> dict | None:
@@ -504,14 +516,17 @@ def render(collected: dict, *, plot: str | None = None) -> str:
         if quality:
             lines += [("Self-generated training data before training (paper Table 3): accuracy of the completions "
                        "against the training prompts' gold answers, mean length, completions that hit the cap, "
-                       "and how many are identical to PSR's (plain greedy) completion of the same prompt:"), "",
-                      "| run | task | n | accuracy % [95%] | mean tokens | hit cap | empty | same as PSR |",
-                      "|---|---|---|---|---|---|---|---|"]
+                       "how many are identical to PSR's (plain greedy) completion of the same prompt, and the "
+                       "share of the training loss's target tokens that are completion tokens (the rest is the "
+                       "templated prompt, the same for every method):"), "",
+                      "| run | task | n | accuracy % [95%] | mean tokens | hit cap | empty | same as PSR | loss on completion % |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for key, q in quality:
                 a, same = q["accuracy"], runs[key].get("same_as_psr")
                 lines.append(f"| {key} | {q['task']} | {q['n']} | {100 * a['mean']:.1f} [{100 * a['lo']:.1f}, "
                              f"{100 * a['hi']:.1f}] | {q['mean_tokens']:.0f} | {q['hit_cap']} | {q['empty']} | "
-                             + (f"{same['identical']} / {same['n']} |" if same else "- |"))
+                             + (f"{same['identical']} / {same['n']} |" if same else "- |")
+                             + (f" {100 * share:.1f} |" if (share := q.get("loss_on_completion")) is not None else " - |"))
             lines.append("")
         if m.get("paired_corpus"):
             lines += [("The same, SPD's corpus against each baseline's on the same training prompts (difference "

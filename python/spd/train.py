@@ -292,6 +292,23 @@ def build_examples(tokenizer, records: list[CorpusRecord], *, completion_only: b
     return items, counts
 
 
+def completion_share(tokenizer, records: list[CorpusRecord], *, max_length: int | None = 1024) -> float | None:
+    """Share of the default (whole-sequence) loss's target tokens that are completion tokens, the
+    end-of-turn token included, over ``records``: how much of the training signal can differ between
+    corpora of the same prompts. None without a fast tokenizer or without any target token."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    total = completion = 0
+    for rec in records:
+        if not rec.completion.strip():
+            continue
+        whole = encode_record(tokenizer, rec.prompt, rec.completion, max_length=max_length)
+        part = encode_record(tokenizer, rec.prompt, rec.completion, completion_only=True, max_length=max_length)
+        total += sum(label != IGNORE for label in whole["labels"])
+        completion += sum(label != IGNORE for label in part["labels"]) if part else 0
+    return completion / total if total else None
+
+
 # ---------------------------------------------------------------------------------------------
 # model side
 
