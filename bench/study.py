@@ -1,6 +1,8 @@
 """The reproduction study in one command: every run of base, PSR, SSD and SPD (code, math, QA), the
-out-of-domain row and the loss ablation, for each model; then docs/RESULTS.md (between its study
-markers) and docs/results.png. Resumable: stop it at any point and run the same command again.
+out-of-domain row and the loss ablation, for each model, then QA again with the training loss on the
+completions only (beyond the paper; `--no-completion-only-qa` leaves it out); then docs/RESULTS.md
+(between its study markers) and docs/results.png. Resumable: stop it at any point and run the same
+command again.
 
     python bench/study.py                          # run (or resume) everything, refresh the document
     python bench/study.py --dry-run                # what is left: phases, time estimate, `spd run` command
@@ -28,12 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--n-train", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Generation/eval batch.")
+@click.option("--completion-only-qa/--no-completion-only-qa", default=True, show_default=True,
+              help="After the paper's protocol, train the QA runs again with the loss on the completions only.")
 @click.option("--only", multiple=True, help="Only the runs whose '<model>/<key>' contains this (repeatable).")
 @click.option("--dry-run", is_flag=True, help="List the runs, the phases each has left and an estimate of the time; run nothing.")
 @click.option("--report", "report_only", is_flag=True, help="Only refresh the document from finished runs.")
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",
               show_default=True)
-def main(root, models, domains, n_train, epochs, batch_size, only, dry_run, report_only, doc):
+def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa, only, dry_run, report_only, doc):
     from spd.errors import SpdError
     from spd.pipeline import rescore_tree
     from spd.study import (
@@ -47,7 +51,7 @@ def main(root, models, domains, n_train, epochs, batch_size, only, dry_run, repo
 
     settings = StudySettings(root=root, models=tuple(m for m in models.split(",") if m),
                              domains=tuple(d for d in domains.split(",") if d), n_train=n_train, epochs=epochs,
-                             batch_size=batch_size)
+                             batch_size=batch_size, completion_only_qa=completion_only_qa)
 
     def report():
         if settings.root.is_dir():  # finished evaluations follow the current answer extraction
@@ -68,7 +72,7 @@ def main(root, models, domains, n_train, epochs, batch_size, only, dry_run, repo
 
         args = [sys.executable, __file__, "--report", "--root", str(root), "--models", models, "--domains",
                 domains, "--n-train", str(n_train), "--epochs", str(epochs), "--batch-size", str(batch_size),
-                "--doc", str(doc)]
+                "--doc", str(doc), "--completion-only-qa" if completion_only_qa else "--no-completion-only-qa"]
         if subprocess.run(args, check=False).returncode != 0:
             click.echo("[study] the report failed (see above); the runs go on")
 

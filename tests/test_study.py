@@ -22,6 +22,7 @@ from spd.study import (
     render,
     run_study,
     seed_base_evals,
+    seed_source_artifacts,
 )
 from spd.tasks.base import data_root
 
@@ -34,7 +35,15 @@ def test_plan_covers_the_protocol(tmp_path):
     st = StudySettings(root=tmp_path, models=("m1", "m2"))
     runs = st.runs()
     keys = [(r.model, r.key) for r in runs]
-    assert len(keys) == len(set(keys)) == 2 * (3 * 4 + 3)
+    assert len(keys) == len(set(keys)) == 2 * (3 * 4 + 3) + 2 * 3
+    extras = runs[-6:]  # after both models' protocol runs: QA again, trained on the completions only
+    assert [(r.model, r.key) for r in extras[:3]] == [("m1", f"qa-completion/{m}") for m in ("spd", "psr", "ssd")]
+    assert all(r.completion_only and r.task == "mmlu" for r in extras)
+    assert all("--completion-only" in st.command(r) for r in extras)
+    assert not any("--completion-only" in st.command(r) for r in runs[:-6])
+    assert extras[0].source_key() == "qa/spd" and extras[0].group == "qa-completion"
+    assert len(StudySettings(models=("m1",), completion_only_qa=False).runs()) == 15
+    assert not any(r.completion_only for r in StudySettings(models=("m1",), domains=("math",)).runs())
     m1 = [r for r in runs if r.model == "m1"]
     assert [r.key for r in m1[:4]] == ["code/base", "code/spd", "code/psr", "code/ssd"]  # base first
     ood = {r.key: r for r in m1 if r.key.startswith("ood/")}
@@ -68,6 +77,41 @@ def test_base_evals_are_reused(tmp_path):
         (base.workdir(tmp_path) / "eval" / "base" / "gsm8k.json").read_text()
     assert seed_base_evals(st, spd) == []  # already there
     assert seed_base_evals(st, base) == []
+
+
+def test_completion_only_runs_train_on_their_source_runs_subspace_and_corpus(tmp_path):
+    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False)
+    by_key = {r.key: r for r in st.runs()}
+    run, source = by_key["qa-completion/spd"], by_key["qa/spd"].workdir(tmp_path)
+    assert phases_left(st, run) == ["train", "eval spd mmlu", "eval spd bbh"]
+    source.mkdir(parents=True)
+    (source / "corpus.jsonl").write_text('{"id": "1", "prompt": "p", "completion": "Answer: C"}\n')
+    (source / "subspace.safetensors").write_bytes(b"basis")
+    assert seed_source_artifacts(st, run) == []  # the source corpus is not finished: nothing to reuse yet
+    (source / "corpus.jsonl.manifest.json").write_text(json.dumps({"finished": True}))
+    assert seed_source_artifacts(st, run) == ["corpus.jsonl", "corpus.jsonl.manifest.json", "subspace.safetensors"]
+    for name in ("corpus.jsonl", "corpus.jsonl.manifest.json", "subspace.safetensors"):
+        assert (run.workdir(tmp_path) / name).read_bytes() == (source / name).read_bytes()
+    assert seed_source_artifacts(st, run) == []  # already there
+    assert seed_source_artifacts(st, by_key["qa/spd"]) == []  # protocol runs make their own
+
+
+def test_completion_only_spd_is_compared_with_its_own_baselines(tmp_path):
+    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False)
+    by_key = {r.key: r for r in st.runs()}
+    values = {"qa/base": [0, 0, 1, 0], "qa/spd": [0, 1, 1, 0], "qa-completion/spd": [1, 1, 1, 1],
+              "qa-completion/psr": [1, 0, 1, 0], "qa/psr": [0, 0, 0, 0]}
+    for key, v in values.items():
+        label = key.split("/")[1]
+        _eval(by_key[key].workdir(tmp_path) / "eval" / label / "mmlu.json", "mmlu", v)
+    m = collect(st)["models"]["m"]
+    against = {p["against"] for p in m["paired"].values() if p["run"] == "qa-completion/spd"}
+    assert against == {"qa/base", "qa-completion/psr", "qa/spd"}  # not the whole-conversation PSR
+    assert m["paired"]["qa-completion/spd vs qa-completion/psr on mmlu"]["wins"] == 2
+    assert {p["against"] for p in m["paired"].values() if p["run"] == "qa/spd"} == {"qa/base", "qa/psr"}
+    text = render(collect(st))
+    assert "| SPD | whole conversation | 50.0 [" in text and "| SPD | completion | 100.0 [" in text
+    assert "| SSD | completion | … | … |" in text
 
 
 def test_run_study_skips_complete_runs_and_stops_when_interrupted(tmp_path, monkeypatch):

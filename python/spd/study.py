@@ -54,10 +54,21 @@ class StudyRun:
     method: str
     calib_task: str | None = None
     loss: str = "aligned"
+    completion_only: bool = False  # training loss on the completions only (not the paper's recipe)
 
     @property
     def domain(self) -> str:
         return next(d for d, (src, _) in DOMAINS.items() if src == self.task)
+
+    @property
+    def group(self) -> str:
+        """The runs its SPD is compared with: ``qa`` -> ``qa/psr``, ``qa-completion`` -> ``qa-completion/psr``."""
+        return self.key.split("/")[0] if self.completion_only else self.domain
+
+    def source_key(self) -> str | None:
+        """The protocol run whose subspace and corpus a completion-only run trains on (the same
+        calibration and generation: only the training loss differs)."""
+        return f"{self.domain}/{self.method}" if self.completion_only and self.method != "base" else None
 
     def workdir(self, root: Path) -> Path:
         return Path(root) / self.model / self.key
@@ -79,11 +90,12 @@ class StudySettings:
     seed: int = 42
     ood: bool = True
     ablation: bool = True
+    completion_only_qa: bool = True  # QA again with the loss on the completions only, after the rest
     extra: list[str] = field(default_factory=list)  # more `spd run` options, e.g. ["--dtype", "float32"]
 
     def runs(self) -> list[StudyRun]:
         """Every run, in the order they are done (per model: each domain's four methods, then the
-        out-of-domain row and the ablation)."""
+        out-of-domain row and the ablation; then, for every model, the completion-only QA runs)."""
         for d in self.domains:
             if d not in DOMAINS:
                 raise SpdError(f"unknown domain {d!r}: use {', '.join(DOMAINS)}")
@@ -96,6 +108,9 @@ class StudySettings:
                         for d in ("math", "code")]
             if self.ablation:
                 out.append(StudyRun(model, "ablation/math-full", "gsm8k", "spd", loss="full"))
+        if self.completion_only_qa and "qa" in self.domains:
+            out += [StudyRun(model, f"qa-completion/{m}", DOMAINS["qa"][0], m, completion_only=True)
+                    for model in self.models for m in METHODS if m != "base"]
         return out
 
     def command(self, run: StudyRun) -> list[str]:
@@ -109,6 +124,8 @@ class StudySettings:
             cmd += ["--calib-task", run.calib_task]
         if run.loss != "aligned":
             cmd += ["--loss", run.loss]
+        if run.completion_only:
+            cmd += ["--completion-only"]
         return cmd + list(self.extra)
 
 
@@ -134,6 +151,30 @@ def seed_base_evals(settings: StudySettings, run: StudyRun) -> list[str]:
     return copied
 
 
+def seed_source_artifacts(settings: StudySettings, run: StudyRun) -> list[str]:
+    """Copy the subspace and the finished corpus of ``run``'s source run (see
+    :meth:`StudyRun.source_key`) into its workdir, so the pipeline skips calibration and generation.
+    Returns the file names copied."""
+    from .generate import corpus_finished
+
+    if run.source_key() is None:
+        return []
+    src = StudyRun(run.model, run.source_key(), run.task, run.method).workdir(settings.root)
+    dst = run.workdir(settings.root)
+    if not corpus_finished(src / "corpus.jsonl"):
+        return []  # the source has not generated yet: this run generates the same corpus itself
+    names = ["corpus.jsonl", "corpus.jsonl.manifest.json"]  # the manifest (which says "finished") last
+    names += ["subspace.safetensors"] if (src / "subspace.safetensors").is_file() else []
+    copied = []
+    for name in names:
+        if not (dst / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            with atomic_file(dst / name, "wb") as fh:
+                fh.write((src / name).read_bytes())
+            copied.append(name)
+    return copied
+
+
 def _phase_kind(name: str, run: StudyRun) -> tuple[str, str]:
     """(kind, task) a phase's wall time depends on: ("eval", task) for "eval <label> <task>", the
     calibration task for "calibrate", the run's task for "generate" and "train"."""
@@ -149,6 +190,8 @@ def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
     evaluations of a method run are left out: they are copied from the domain's base run."""
     label = run.method
     names = ([] if run.method == "base" else ["calibrate"] * (run.method == "spd") + ["generate", "train"])
+    if run.completion_only:
+        names = [n for n in names if n == "train"]  # calibration and corpus come from the source run
     names += [f"eval {label} {task}" for task in DOMAINS[run.domain]]
     done = {k for k, v in read_phases(run.workdir(settings.root)).items() if v.get("status") == "complete"}
     return [n for n in names if n not in done]
@@ -243,7 +286,9 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             continue
         wd.mkdir(parents=True, exist_ok=True)
         copied = seed_base_evals(settings, run)
-        log(f"{label}: running (log: {wd / 'log.txt'})" + (f"; base evals reused: {', '.join(copied)}" if copied else ""))
+        reused = seed_source_artifacts(settings, run)
+        log(f"{label}: running (log: {wd / 'log.txt'})" + (f"; base evals reused: {', '.join(copied)}" if copied else "")
+            + (f"; from {run.source_key()}: {', '.join(reused)}" if reused else ""))
         started = time.perf_counter()
         with open(wd / "log.txt", "a") as fh:
             fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -404,7 +449,7 @@ def collect(settings: StudySettings) -> dict:
                 if not machines and (entry["versions"] or {}).get("machine"):
                     machines = {entry["versions"]["machine"]}  # a run from before phases recorded it
                 entry["machines"] = sorted(machines)
-            if run.method != "base":
+            if run.method != "base" and not run.completion_only:  # (a completion-only run's corpus is its source's)
                 try:
                     entry["corpus"] = corpus_quality(settings, run)
                 except SpdError as exc:
@@ -431,7 +476,7 @@ def collect(settings: StudySettings) -> dict:
                 if not mine:
                     continue
                 for other in ("base", "psr", "ssd", "spd"):
-                    key = f"{run.domain}/{other}"
+                    key = f"{run.group if other in ('psr', 'ssd') else run.domain}/{other}"
                     if key == run.key:
                         continue
                     theirs = vectors.get((key, task))
@@ -501,6 +546,18 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                       f"| full (ours) | {_cell(ab, 'gsm8k')} | {_cell(ab, 'svamp')} |",
                       f"| aligned (paper) | {PAPER['spd']['gsm8k']:g} | {PAPER['spd']['svamp']:g} |",
                       f"| full (paper) | {PAPER_ABLATION['gsm8k']:g} | {PAPER_ABLATION['svamp']:g} |", ""]
+        if any(k.startswith("qa-completion/") for k in runs):
+            lines += [("QA with the training loss on the completions only (`--completion-only`; not the paper's "
+                       "recipe, which trains on the whole conversation): the same subspaces and corpora as the QA "
+                       "runs above, trained again:"), "",
+                      "| method | loss on | mmlu | bbh |", "|---|---|---|---|"]
+            base = runs.get("qa/base", {}).get("scores", {})
+            lines.append(f"| Base | - | {_cell(base, 'mmlu')} | {_cell(base, 'bbh')} |")
+            for method in METHODS[1:]:
+                for key, where in ((f"qa/{method}", "whole conversation"), (f"qa-completion/{method}", "completion")):
+                    sc = runs.get(key, {}).get("scores", {})
+                    lines.append(f"| {method.upper()} | {where} | {_cell(sc, 'mmlu')} | {_cell(sc, 'bbh')} |")
+            lines.append("")
         lines += _subtask_table(runs)
         if m["paired"]:
             lines += [("Paired tests (same evaluation examples): difference of the score (first minus second; "
