@@ -35,6 +35,18 @@ def test_doctor_json_matches_the_environment():
     assert set(report["models"]) == {"smollm2-135m", "qwen2.5-coder-0.5b"}
 
 
+def test_doctor_reports_what_the_cache_holds(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPD_CACHE_DIR", str(tmp_path))
+    (tmp_path / "converted" / "m-0123").mkdir(parents=True)
+    (tmp_path / "converted" / "m-0123" / "model.safetensors").write_bytes(b"x" * 3000)
+    (tmp_path / "converted" / ".m-4567.tmp").mkdir()  # a conversion in progress is not a model yet
+    (tmp_path / "gguf-digests.json").write_text("{}")
+    report = json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)
+    assert report["cache"] == {"bytes": 3002, "converted_models": 1}
+    text = CliRunner().invoke(cli, ["doctor"]).output
+    assert f"cache:           {tmp_path} (2.9 KB, 1 converted model(s)" in text
+
+
 def test_doctor_text_names_the_extension_state():
     result = CliRunner().invoke(cli, ["doctor"])
     assert result.exit_code == 0

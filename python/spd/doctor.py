@@ -16,6 +16,25 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def cache_usage(root) -> dict:
+    """Bytes under spd's cache folder and how many converted models it holds."""
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    converted = root / "converted"
+    return {"bytes": sum(p.stat().st_size for p in files),
+            "converted_models": sum(1 for p in converted.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if converted.is_dir() else 0}
+
+
+def _size(n: float) -> str:
+    """A byte count for people: 2.9 KB, 3.8 GB."""
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            break
+        n /= 1024
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+
+
 def collect() -> dict:
     """Versions, extension build info, CUDA devices and model availability as a plain dict."""
     import torch
@@ -38,6 +57,7 @@ def collect() -> dict:
         "default_model": DEFAULT_MODEL,
         "models": alias_status(),
         "cache_dir": str(cache_root()),
+        "cache": cache_usage(cache_root()),
     }
 
 
@@ -59,5 +79,7 @@ def format_report(r: dict) -> str:
         state = "installed" if m["installed"] else f"not installed: {m['install']}"
         default = " (default)" if name == r["default_model"] else ""
         lines.append(f"  {name}{default}: {state}")
-    lines.append(f"cache:           {r['cache_dir']}")
+    use = r["cache"]
+    lines.append(f"cache:           {r['cache_dir']} ({_size(use['bytes'])}, {use['converted_models']} converted "
+                 "model(s); safe to delete, rebuilt when needed)")
     return "\n".join(lines)
