@@ -1,6 +1,6 @@
 """The reproduction study in one command: every run of base, PSR, SSD and SPD (code, math, QA), the
-out-of-domain row and the loss ablation, for each model, then QA again with the training loss on the
-completions only (beyond the paper; `--no-completion-only-qa` leaves it out); then docs/RESULTS.md
+out-of-domain row, the loss ablation and QA again with the training loss on the completions only
+(beyond the paper; `--no-completion-only-qa` leaves it out), for each model; then docs/RESULTS.md
 (between its study markers) and docs/results.png. Resumable: stop it at any point and run the same
 command again.
 

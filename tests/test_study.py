@@ -36,11 +36,11 @@ def test_plan_covers_the_protocol(tmp_path):
     runs = st.runs()
     keys = [(r.model, r.key) for r in runs]
     assert len(keys) == len(set(keys)) == 2 * (3 * 4 + 3) + 2 * 3
-    extras = runs[-6:]  # after both models' protocol runs: QA again, trained on the completions only
+    extras = [r for r in runs if r.completion_only]  # QA again, trained on the completions only
+    assert extras == [r for r in runs[15:18] + runs[-3:]]  # each model's last runs
     assert [(r.model, r.key) for r in extras[:3]] == [("m1", f"qa-completion/{m}") for m in ("spd", "psr", "ssd")]
-    assert all(r.completion_only and r.task == "mmlu" for r in extras)
-    assert all("--completion-only" in st.command(r) for r in extras)
-    assert not any("--completion-only" in st.command(r) for r in runs[:-6])
+    assert all(r.task == "mmlu" and "--completion-only" in st.command(r) for r in extras)
+    assert not any("--completion-only" in st.command(r) for r in runs if not r.completion_only)
     assert extras[0].source_key() == "qa/spd" and extras[0].group == "qa-completion"
     assert len(StudySettings(models=("m1",), completion_only_qa=False).runs()) == 15
     assert not any(r.completion_only for r in StudySettings(models=("m1",), domains=("math",)).runs())

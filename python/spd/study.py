@@ -90,12 +90,12 @@ class StudySettings:
     seed: int = 42
     ood: bool = True
     ablation: bool = True
-    completion_only_qa: bool = True  # QA again with the loss on the completions only, after the rest
+    completion_only_qa: bool = True  # QA again with the loss on the completions only (per model, last)
     extra: list[str] = field(default_factory=list)  # more `spd run` options, e.g. ["--dtype", "float32"]
 
     def runs(self) -> list[StudyRun]:
-        """Every run, in the order they are done (per model: each domain's four methods, then the
-        out-of-domain row and the ablation; then, for every model, the completion-only QA runs)."""
+        """Every run, in the order they are done (per model: each domain's four methods, the
+        out-of-domain row, the ablation, then the completion-only QA runs)."""
         for d in self.domains:
             if d not in DOMAINS:
                 raise SpdError(f"unknown domain {d!r}: use {', '.join(DOMAINS)}")
@@ -108,9 +108,9 @@ class StudySettings:
                         for d in ("math", "code")]
             if self.ablation:
                 out.append(StudyRun(model, "ablation/math-full", "gsm8k", "spd", loss="full"))
-        if self.completion_only_qa and "qa" in self.domains:
-            out += [StudyRun(model, f"qa-completion/{m}", DOMAINS["qa"][0], m, completion_only=True)
-                    for model in self.models for m in METHODS if m != "base"]
+            if self.completion_only_qa and "qa" in self.domains:
+                out += [StudyRun(model, f"qa-completion/{m}", DOMAINS["qa"][0], m, completion_only=True)
+                        for m in METHODS if m != "base"]
         return out
 
     def command(self, run: StudyRun) -> list[str]:
