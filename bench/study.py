@@ -14,6 +14,7 @@ Before each refresh, finished exact-match evaluations are re-scored from their s
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -76,11 +77,15 @@ def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa,
         if subprocess.run(args, check=False).returncode != 0:
             click.echo("[study] the report failed (see above); the runs go on")
 
+    def terminated(signum, frame):  # `kill` stops the study like Ctrl-C: its running `spd run` too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         if not report_only:
-            run_study(settings, only=list(only) or None, dry_run=dry_run, log=click.echo,
-                      after_each=report_in_child)
-            if not dry_run:
+            statuses = run_study(settings, only=list(only) or None, dry_run=dry_run, log=click.echo,
+                                 after_each=report_in_child)
+            if not dry_run and not any(s["status"] == "interrupted" for s in statuses):
                 report_in_child()
         else:
             report()

@@ -47,6 +47,19 @@ def test_doctor_reports_what_the_cache_holds(tmp_path, monkeypatch):
     assert f"cache:           {tmp_path} (2.9 KB, 1 converted model(s)" in text
 
 
+def test_ctrl_c_exits_130_with_one_line(monkeypatch):
+    """Ctrl-C is not a failure to report with a traceback, and callers (the study) can tell it from one."""
+    import spd.doctor
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spd.doctor, "collect", interrupted)
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 130
+    assert result.output.strip() == "interrupted: finished work is kept; the same command resumes it"
+
+
 def test_doctor_text_names_the_extension_state():
     result = CliRunner().invoke(cli, ["doctor"])
     assert result.exit_code == 0

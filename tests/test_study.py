@@ -121,11 +121,14 @@ def test_run_study_skips_complete_runs_and_stops_when_interrupted(tmp_path, monk
     (runs[0].workdir(tmp_path) / "results.json").write_text("{}")
     calls = []
 
-    def fake_call(argv, **kw):
-        calls.append(argv)
-        return 130 if len(calls) == 2 else 0  # the second run is interrupted (Ctrl-C)
+    class FakeRun:
+        def __init__(self, argv, **kw):
+            calls.append(argv)
 
-    monkeypatch.setattr("spd.study.subprocess.call", fake_call)
+        def wait(self, timeout=None):
+            return 130 if len(calls) == 2 else 0  # the second run is interrupted (Ctrl-C)
+
+    monkeypatch.setattr("spd.study.subprocess.Popen", FakeRun)
     monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
     refreshed = []
     statuses = run_study(st, log=lambda *_: None, after_each=lambda: refreshed.append(1))
@@ -137,6 +140,36 @@ def test_run_study_skips_complete_runs_and_stops_when_interrupted(tmp_path, monk
     assert [s["status"] for s in dry] == ["complete", "todo", "todo", "todo"]
     with pytest.raises(SpdError, match="matches none"):
         run_study(st, only=["nothing-like-this"], dry_run=True, log=lambda *_: None)
+
+
+def test_stopping_the_study_stops_its_run(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM to the study (bench/study.py turns SIGTERM into KeyboardInterrupt) is passed
+    on to the running `spd run` as Ctrl-C, so it cannot go on alone beside a restarted study."""
+    import signal
+
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    signals = []
+
+    class FakeRun:
+        def __init__(self, argv, **kw):
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return 130
+
+        def send_signal(self, sig):
+            signals.append(sig)
+
+    monkeypatch.setattr("spd.study.subprocess.Popen", FakeRun)
+    monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
+    lines = []
+    statuses = run_study(st, log=lines.append)
+    assert signals == [signal.SIGINT]
+    assert [s["status"] for s in statuses] == ["interrupted"] and statuses[0]["rc"] == 130
+    assert "interrupted (exit 130); the same command resumes it" in lines[-1]
 
 
 def _manifest(workdir: Path, phases: dict):

@@ -11,13 +11,17 @@ from .errors import SpdError
 
 
 class _Group(click.Group):
-    """Turns SpdError (a user mistake) into a one-line message and exit code 1, never a traceback."""
+    """Turns SpdError (a user mistake) into a one-line message and exit code 1, never a traceback;
+    Ctrl-C into exit code 130 (the shell's convention, which `bench/study.py` reads as "stop")."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except SpdError as exc:
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is kept; the same command resumes it", err=True)
+            raise click.exceptions.Exit(130) from None
 
 
 MODEL_OPTION = click.option("--model", "-m", default="smollm2-135m", show_default=True,

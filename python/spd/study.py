@@ -295,8 +295,15 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             fh.flush()
             exe = shutil.which("spd") or sys.executable
             argv = cmd[1:] if exe != sys.executable else ["-m", "spd.cli", *cmd[1:]]
-            rc = subprocess.call([exe, *argv], stdout=fh, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "TQDM_MININTERVAL": "30"})
+            proc = subprocess.Popen([exe, *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "TQDM_MININTERVAL": "30"})
+            try:
+                rc = proc.wait()
+            except KeyboardInterrupt:  # the study is stopped: stop its run too, never leave it running alone
+                rc = _stop(proc)
+                log(f"{label}: interrupted (exit {rc}); the same command resumes it")
+                statuses.append({"run": f"{run.model}/{run.key}", "status": "interrupted", "rc": rc})
+                break
         minutes = (time.perf_counter() - started) / 60
         if rc != 0:
             log(f"{label}: failed (exit {rc}) after {minutes:.1f} min; see {wd / 'log.txt'}")
@@ -317,6 +324,18 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             "same task where there is one)"
             + (f"; not estimated: the runs of {', '.join(blind)} (no finished phase of that kind yet)" if blind else ""))
     return statuses
+
+
+def _stop(proc, grace_s: float = 120.0) -> int:
+    """Ctrl-C for a run (it keeps its finished work and exits), killed if it has not after ``grace_s``."""
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 # -- collecting ----------------------------------------------------------------------------------
