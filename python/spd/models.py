@@ -174,10 +174,11 @@ def gguf_digest(gguf: Path) -> str:
     try:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict) or not isinstance(known.get(stamp), str):
-        known = {k: v for k, v in (known.items() if isinstance(known, dict) else ()) if k != stamp}
-        known[stamp] = file_sha256(gguf)
+        known = None
+    known = known if isinstance(known, dict) else {}
+    if not isinstance(known.get(stamp), str):
+        known.pop(stamp, None)
+        known[stamp] = file_sha256(gguf)  # (last: the newest entries are the ones kept)
         with contextlib.suppress(OSError), atomic_file(memo, "w") as out:  # a cache: losing it costs a re-read
             json.dump(dict(list(known.items())[-MAX_REMEMBERED_DIGESTS:]), out, indent=1)
     return known[stamp]
