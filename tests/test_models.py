@@ -171,6 +171,9 @@ def test_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
     assert reads == []  # remembered
     os.utime(a, ns=(1, 1))
     assert converted_gguf_dir(a).name == "m-" + "0" * 16 and reads == [a]  # changed mtime: read again
+    (tmp_path / "cache" / "gguf-digests.json").write_text("[not a memo")  # damaged: read the file again
+    assert converted_gguf_dir(b).name == "m-" + "0" * 16 and reads == [a, b]
+    assert len(json.loads((tmp_path / "cache" / "gguf-digests.json").read_text())) == 1
 
 
 def test_legacy_copy_is_adopted_and_orphans_removed(tmp_path, monkeypatch):
