@@ -98,6 +98,29 @@ def test_base_method_and_report_cli(tiny_dir, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_evaluation_made_with_other_prompts_is_made_again(tiny_dir, tmp_path, monkeypatch):
+    """A saved evaluation is kept while the task's prompts are the same, and set aside and made again
+    once they change (a prompt fix must not leave old answers in the results)."""
+    wd = tmp_path / "base"
+    run(config(tiny_dir, method="base"), wd, log=lambda *a: None)
+    saved = wd / "eval" / "base" / "arith.json"
+    before = json.loads(saved.read_text())
+    with monkeypatch.context() as m:
+        m.setattr("spd.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluated again with the same prompts"))
+        run(config(tiny_dir, method="base"), wd, log=lambda *a: None)
+    arith = type(get_task("arith"))
+    original = arith.prompt
+    monkeypatch.setattr(arith, "prompt", lambda self, ex: original(self, ex) + " Answer with a number.")
+    lines = []
+    run(config(tiny_dir, method="base"), wd, log=lines.append)
+    assert any("eval base arith: 4 of its prompts have changed since it was made; evaluating again" in line
+               for line in lines)
+    assert json.loads((wd / "eval" / "base" / "stale" / "arith.json").read_text()) == before
+    after = json.loads(saved.read_text())
+    assert all(rec["prompt"].endswith(" Answer with a number.") for rec in after["records"])
+    assert json.loads((wd / "manifest.json").read_text())["phases"]["eval base arith"]["status"] == "complete"
+
+
 def test_another_config_in_the_same_workdir_is_refused(tiny_dir, tmp_path):
     wd = tmp_path / "w"
     run(config(tiny_dir, method="base"), wd, log=lambda *a: None)

@@ -23,6 +23,7 @@ from spd.study import (
     run_study,
     seed_base_evals,
     seed_source_artifacts,
+    stale_evals,
 )
 from spd.tasks.base import data_root
 
@@ -170,6 +171,44 @@ def test_stopping_the_study_stops_its_run(tmp_path, monkeypatch):
     assert signals == [signal.SIGINT]
     assert [s["status"] for s in statuses] == ["interrupted"] and statuses[0]["rc"] == 130
     assert "interrupted (exit 130); the same command resumes it" in lines[-1]
+
+
+def test_runs_with_evaluations_made_on_old_prompts_are_run_again(tmp_path, monkeypatch):
+    """A finished run whose saved evaluation has other prompts than its task gives now is not complete
+    for the study (`spd run` makes that evaluation again); a base evaluation made again is copied
+    over the older copies in the method runs."""
+    from spd.evaluate import load_eval_examples, stale_prompts
+    from spd.tasks import get_task
+
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    base, spd = st.runs()[0], st.runs()[1]
+    task = get_task("arith")
+    examples = load_eval_examples(task, seed=st.seed)[:3]
+
+    def save(path, prompts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task": "arith", "metric": "accuracy", "score": 0.0, "n": 3, "records": [
+            {"id": ex.id, "prompt": p, "completion": "", "correct": False} for ex, p in zip(examples, prompts)]}))
+
+    current = [task.prompt(ex) for ex in examples]
+    save(base.workdir(tmp_path) / "eval" / "base" / "arith.json", current)
+    (base.workdir(tmp_path) / "results.json").write_text("{}")
+    save(spd.workdir(tmp_path) / "eval" / "spd" / "arith.json", current[:2] + ["an older prompt"])
+    save(spd.workdir(tmp_path) / "eval" / "base" / "arith.json", ["an older prompt"] * 3)
+    (spd.workdir(tmp_path) / "results.json").write_text("{}")
+    assert stale_evals(st, base.workdir(tmp_path)) == []
+    assert stale_evals(st, spd.workdir(tmp_path)) == ["eval base arith", "eval spd arith"]
+    assert seed_base_evals(st, spd) == ["arith"]  # the older base copy is replaced by the base run's
+    assert stale_evals(st, spd.workdir(tmp_path)) == ["eval spd arith"]
+    nll = tmp_path / "nll.json"  # records without prompts (reference NLL) have nothing to compare
+    nll.write_text(json.dumps({"task": "arith", "records": [{"id": ex.id, "nll": 1.0} for ex in examples]}))
+    assert stale_prompts(nll, task, examples) == 0 and stale_prompts(tmp_path / "missing.json", task, examples) == 0
+
+    lines = []
+    statuses = {s["run"]: s for s in run_study(st, dry_run=True, log=lines.append)}
+    assert statuses["m/math/base"]["status"] == "complete"
+    assert statuses["m/math/spd"]["status"] == "todo" and "eval spd arith" in statuses["m/math/spd"]["phases_left"]
+    assert any("m math/spd: made with prompts that have changed since: eval spd arith" in line for line in lines)
 
 
 def _manifest(workdir: Path, phases: dict):

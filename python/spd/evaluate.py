@@ -113,6 +113,25 @@ def load_eval_examples(task, data=None, *, n: int | None = None, seed: int = 0) 
     return examples
 
 
+def stale_prompts(path, task, examples) -> int:
+    """How many records of the saved evaluation ``path`` were made with another prompt than ``task``
+    now gives their example (the prompt changed since). Records without a stored prompt (NLL) and
+    ids not in ``examples`` are not counted; an unreadable file counts 0."""
+    try:
+        records = json.loads(Path(path).read_text()).get("records", [])
+    except (OSError, ValueError, AttributeError):
+        return 0
+    by_id = {ex.id: ex for ex in examples}
+    return sum(1 for rec in records if isinstance(rec, dict) and "prompt" in rec and rec.get("id") in by_id
+               and rec["prompt"] != task.prompt(by_id[rec["id"]]))
+
+
+def stale_path(path) -> Path:
+    """Where an evaluation made with outdated prompts is kept when it is made again."""
+    path = Path(path)
+    return path.parent / "stale" / path.name
+
+
 # -- predictions -------------------------------------------------------------------------------
 def read_predictions(path, examples, *, task_name: str = "") -> dict[str, str]:
     """``{id: completion}`` from a JSONL file of ``{"id", "completion"}`` lines (other fields are

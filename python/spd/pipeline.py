@@ -193,10 +193,26 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
     model, tok = load(config.model, dtype=config.dtype, device=config.device)
     eval_names = config.eval_task_names()
 
+    def eval_done(label: str, name: str, out: Path) -> bool:
+        """The evaluation is saved and made with the task's current prompts (else it is set aside)."""
+        from .evaluate import load_eval_examples, stale_path, stale_prompts
+
+        if not out.is_file():
+            return False
+        task = get_task(name)
+        changed = stale_prompts(out, task, load_eval_examples(task, n=config.n_eval, seed=config.seed))
+        if changed:
+            old = stale_path(out)
+            old.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out, old)
+            log(f"[spd run] eval {label} {name}: {changed} of its prompts have changed since it was made; "
+                f"evaluating again (the old result: {old.relative_to(path)})")
+        return not changed
+
     def eval_phase(label: str, adapter: Path | None):
         for name in eval_names:
             out = eval_path(path, label, name)
-            wd.phase(f"eval {label} {name}", out.is_file(), lambda name=name, out=out: _evaluate(
+            wd.phase(f"eval {label} {name}", eval_done(label, name, out), lambda name=name, out=out: _evaluate(
                 model, tok, name, out, config, adapter), log)
 
     eval_phase("base", None)

@@ -134,16 +134,38 @@ def is_complete(workdir: Path) -> bool:
     return (Path(workdir) / "results.json").is_file()
 
 
+def stale_evals(settings: StudySettings, workdir: Path, examples: dict | None = None) -> list[str]:
+    """The evaluation phases of a run made with prompts that have changed since (``spd run`` makes
+    them again). ``examples``: a ``{task name: examples}`` cache shared between calls."""
+    from .evaluate import load_eval_examples, stale_prompts
+    from .tasks import get_task
+
+    examples = {} if examples is None else examples
+    out = []
+    for path in sorted(Path(workdir).glob("eval/*/*.json")):
+        try:
+            name = json.loads(path.read_text())["task"]
+            task = get_task(name)
+        except (OSError, ValueError, KeyError, TypeError, SpdError):
+            continue
+        if name not in examples:
+            examples[name] = load_eval_examples(task, seed=settings.seed)
+        if stale_prompts(path, task, examples[name]):
+            out.append(f"eval {path.parent.name} {name}")
+    return out
+
+
 def seed_base_evals(settings: StudySettings, run: StudyRun) -> list[str]:
     """Copy the base model's finished evaluations from the domain's base run into ``run``'s workdir
-    (the pipeline then skips them). Returns the task names copied."""
+    (the pipeline then skips them), also over an older copy that differs (the base run made it again).
+    Returns the task names copied."""
     if run.key == run.base_key():
         return []
     src = StudyRun(run.model, run.base_key(), run.task, "base").workdir(settings.root) / "eval" / "base"
     dst = run.workdir(settings.root) / "eval" / "base"
     copied = []
     for f in sorted(src.glob("*.json")) if src.is_dir() else []:
-        if not (dst / f.name).is_file():
+        if not (dst / f.name).is_file() or (dst / f.name).read_bytes() != f.read_bytes():
             dst.mkdir(parents=True, exist_ok=True)
             with atomic_file(dst / f.name, "wb") as fh:
                 fh.write(f.read_bytes())
@@ -266,16 +288,20 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
     if not runs:
         raise SpdError(f"--only {','.join(only or [])} matches none of the study's runs")
     times = phase_times(settings) if dry_run else {}
+    examples: dict = {}
     for i, run in enumerate(runs, 1):
         wd = run.workdir(settings.root)
         cmd = settings.command(run)
         label = f"[study {i}/{len(runs)}] {run.model} {run.key}"
-        if is_complete(wd):
+        stale = stale_evals(settings, wd, examples) if is_complete(wd) else []
+        if stale:
+            log(f"{label}: made with prompts that have changed since: {', '.join(stale)}")
+        if is_complete(wd) and not stale:
             log(f"{label}: complete")
             statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
             continue
         if dry_run:
-            left = phases_left(settings, run)
+            left = phases_left(settings, run) + stale
             seconds, unknown = estimate_left(settings, run, times)
             guess = "not estimated" if unknown else f"~{_duration(seconds)}"
             begun = {k: v.get("started") for k, v in read_phases(wd).items() if v.get("status") == "running"}
