@@ -27,7 +27,6 @@ def cache_usage(root) -> dict:
 
 def _size(n: float) -> str:
     """A byte count for people: 2.9 KB, 3.8 GB."""
-    unit = "B"
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             break

@@ -166,10 +166,15 @@ def resolve(name_or_path: str) -> tuple[str, Path | str]:
                    "a transformers folder, a .gguf file or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
 
 
+def _stamp(gguf: Path) -> str:
+    """``path|size|mtime`` of a file: changes when the file is replaced or moved."""
+    st = gguf.stat()
+    return f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def gguf_digest(gguf: Path) -> str:
     """sha256 of a GGUF file's bytes, remembered per (path, size, mtime) so each file is read once."""
-    st = gguf.stat()
-    stamp = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    stamp = _stamp(gguf)
     memo = cache_root() / "gguf-digests.json"
     try:
         known = json.loads(memo.read_text())
@@ -192,8 +197,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
 
 def _legacy_copy(gguf: Path) -> Path:
     """Where earlier spd versions kept the copy of ``gguf`` (keyed by path, size and mtime, not content)."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(_stamp(gguf).encode()).hexdigest()[:16]
     return cache_root() / "converted" / f"{gguf.stem}-{key}"
 
 

@@ -217,7 +217,7 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
 
     eval_phase("base", None)
     if config.method == "base":
-        return _finish(wd)
+        return _write_summary(wd.path)
 
     task = get_task(config.task)
     subspace_file = path / "subspace.safetensors"
@@ -271,7 +271,7 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
 
     wd.phase("train", (adapter / "adapter_config.json").is_file(), train_phase, log)
     eval_phase(config.method, adapter)
-    return _finish(wd)
+    return _write_summary(wd.path)
 
 
 def ssd_drops_one_line(method: str, task) -> bool:
@@ -311,11 +311,8 @@ def _evaluate(model, tok, name: str, out: Path, config: RunConfig, adapter: Path
     return {"score": result["score"], "metric": result["metric"], "n": result["n"]}
 
 
-def _finish(wd: Workdir) -> Path:
-    return _write_summary(wd.path)
-
-
 def _write_summary(path: Path) -> Path:
+    """results.json and report.md of the run in ``path``, from its saved evaluations."""
     from .report import run_report, run_results
 
     results = run_results(path)

@@ -163,14 +163,22 @@ def seed_base_evals(settings: StudySettings, run: StudyRun) -> list[str]:
         return []
     src = StudyRun(run.model, run.base_key(), run.task, "base").workdir(settings.root) / "eval" / "base"
     dst = run.workdir(settings.root) / "eval" / "base"
-    copied = []
-    for f in sorted(src.glob("*.json")) if src.is_dir() else []:
-        if not (dst / f.name).is_file() or (dst / f.name).read_bytes() != f.read_bytes():
-            dst.mkdir(parents=True, exist_ok=True)
-            with atomic_file(dst / f.name, "wb") as fh:
-                fh.write(f.read_bytes())
-            copied.append(f.stem)
-    return copied
+    return [f.stem for f in (sorted(src.glob("*.json")) if src.is_dir() else [])
+            if _copy(f, dst / f.name, replace_different=True)]
+
+
+def _copy(src: Path, dst: Path, *, replace_different: bool = False) -> bool:
+    """Copy ``src`` to ``dst`` atomically unless ``dst`` exists (with ``replace_different``: unless
+    it holds the same bytes). Returns whether it copied."""
+    if dst.is_file() and not replace_different:
+        return False
+    data = src.read_bytes()
+    if dst.is_file() and dst.read_bytes() == data:
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(dst, "wb") as fh:
+        fh.write(data)
+    return True
 
 
 def seed_source_artifacts(settings: StudySettings, run: StudyRun) -> list[str]:
@@ -187,14 +195,7 @@ def seed_source_artifacts(settings: StudySettings, run: StudyRun) -> list[str]:
         return []  # the source has not generated yet: this run generates the same corpus itself
     names = ["corpus.jsonl", "corpus.jsonl.manifest.json"]  # the manifest (which says "finished") last
     names += ["subspace.safetensors"] if (src / "subspace.safetensors").is_file() else []
-    copied = []
-    for name in names:
-        if not (dst / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            with atomic_file(dst / name, "wb") as fh:
-                fh.write((src / name).read_bytes())
-            copied.append(name)
-    return copied
+    return [name for name in names if _copy(src / name, dst / name)]
 
 
 def _phase_kind(name: str, run: StudyRun) -> tuple[str, str]:
@@ -293,10 +294,11 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
         wd = run.workdir(settings.root)
         cmd = settings.command(run)
         label = f"[study {i}/{len(runs)}] {run.model} {run.key}"
-        stale = stale_evals(settings, wd, examples) if is_complete(wd) else []
+        complete = is_complete(wd)
+        stale = stale_evals(settings, wd, examples) if complete else []
         if stale:
             log(f"{label}: made with prompts that have changed since: {', '.join(stale)}")
-        if is_complete(wd) and not stale:
+        if complete and not stale:
             log(f"{label}: complete")
             statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
             continue
