@@ -204,10 +204,15 @@ def test_runs_with_evaluations_made_on_old_prompts_are_run_again(tmp_path, monke
     nll.write_text(json.dumps({"task": "arith", "records": [{"id": ex.id, "nll": 1.0} for ex in examples]}))
     assert stale_prompts(nll, task, examples) == 0 and stale_prompts(tmp_path / "missing.json", task, examples) == 0
 
+    # the evaluation made again is priced like the finished ones of its task
+    (spd.workdir(tmp_path) / "manifest.json").write_text(json.dumps({"phases": {
+        name: {"status": "complete", "seconds": 100.0}
+        for name in ("calibrate", "generate", "train", "eval spd gsm8k", "eval spd svamp", "eval spd arith")}}))
     lines = []
     statuses = {s["run"]: s for s in run_study(st, dry_run=True, log=lines.append)}
     assert statuses["m/math/base"]["status"] == "complete"
-    assert statuses["m/math/spd"]["status"] == "todo" and "eval spd arith" in statuses["m/math/spd"]["phases_left"]
+    assert statuses["m/math/spd"]["status"] == "todo" and statuses["m/math/spd"]["phases_left"] == ["eval spd arith"]
+    assert statuses["m/math/spd"]["estimate_s"] == 100.0
     assert any("m math/spd: made with prompts that have changed since: eval spd arith" in line for line in lines)
 
 

@@ -259,6 +259,60 @@ def test_bbh_gold_completion_and_span(sub):
         assert span_texts(task, ex) == [row["target"]]
 
 
+
+def _fits_form(form: str, target: str) -> bool:
+    """Whether a gold BBH target is of the kind the prompt asks for."""
+    if form.endswith(("or No", "or no")) or form in ("True or False", "valid or invalid"):
+        return target in form.split(" or ")
+    if form == "a number":
+        return re.fullmatch(r"-?\d+", target) is not None
+    if form.startswith("the letter of the correct option"):
+        return re.fullmatch(r"\([A-Z]\)", target) is not None
+    if form.startswith("the closing brackets"):
+        return re.fullmatch(r"[)\]}>]( [)\]}>])*", target) is not None
+    if form.startswith("the sorted words"):
+        return target.split() == sorted(target.split())
+    return False
+
+
+@needs_data
+def test_bbh_prompt_names_the_answer_form_of_every_subtask():
+    """Each subtask's prompt says what the answer is (yes/no, an option letter, a number, ...), the
+    gold targets are of that kind (ruin_names: all but its few free-form rows), and the prompt
+    never depends on the gold answer."""
+    task = get_task("bbh:all")
+    by_sub: dict[str, list] = {}
+    for ex in task.load():
+        by_sub.setdefault(ex.fields["subtask"], []).append(ex)
+    assert set(by_sub) == set(SUBTASKS)
+    for sub, exs in by_sub.items():
+        forms = {task.prompt(ex).rsplit(" where <answer> is ", 1)[1] for ex in exs}
+        assert len(forms) == 1, sub
+        form = forms.pop().removesuffix(".")
+        assert form != "the final answer", f"{sub} has no answer form"
+        misfits = [ex.answer for ex in exs if not _fits_form(form, ex.answer)]
+        assert len(misfits) <= (5 if sub == "ruin_names" else 0), (sub, form, misfits[:3])
+        ex = exs[0]
+        other = Example(ex.id, ex.question, "(Z)", "So the answer is (Z).", ex.fields)
+        assert task.prompt(other) == task.prompt(ex)
+        assert task.prompt(ex).startswith(ex.question + "\n\n")
+
+
+def task_prompt_end(ex):
+    return get_task("bbh").prompt(ex).rsplit(" where <answer> is ", 1)[1]
+
+
+def test_bbh_prompt_form_of_an_unknown_subtask(tmp_path):
+    """A file whose stem is no BBH subtask: options in the question -> the option letter, else the
+    generic form."""
+    path = write_jsonl(tmp_path / "mine.jsonl", [
+        json.dumps({"input": "Pick one.\nOptions:\n(A) red\n(B) blue", "target": "(B)"}),
+        json.dumps({"input": "What is the capital of France?", "target": "Paris"})])
+    options, free = get_task("bbh").load(path)
+    assert task_prompt_end(options) == "the letter of the correct option in parentheses."
+    assert task_prompt_end(free) == "the final answer."
+
+
 @needs_data
 def test_mbpp_gold_completion_and_span():
     task = get_task("mbpp")

@@ -257,15 +257,16 @@ def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
     return out
 
 
-def estimate_left(settings: StudySettings, run: StudyRun, times: dict | None = None) -> tuple[float, list[str]]:
-    """(seconds, phases without an estimate) for what ``run`` has left: each phase costs the median wall
-    time of the finished phases of the same model, kind and task, else of the same model and kind on
-    any task (a phase in progress counts whole)."""
+def estimate_left(settings: StudySettings, run: StudyRun, times: dict | None = None,
+                  phases: list[str] | None = None) -> tuple[float, list[str]]:
+    """(seconds, phases without an estimate) for what ``run`` has left (``phases``, default
+    ``phases_left``): each phase costs the median wall time of the finished phases of the same model,
+    kind and task, else of the same model and kind on any task (a phase in progress counts whole)."""
     import statistics
 
     times = phase_times(settings) if times is None else times
     seconds, unknown = 0.0, []
-    for name in phases_left(settings, run):
+    for name in phases_left(settings, run) if phases is None else phases:
         kind, task = _phase_kind(name, run)
         seen = times.get((run.model, kind, task)) or times.get((run.model, kind))
         if seen:
@@ -303,8 +304,10 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
             continue
         if dry_run:
-            left = phases_left(settings, run) + stale
-            seconds, unknown = estimate_left(settings, run, times)
+            # a method run's stale base evaluations are copied from the base run, not made again
+            left = phases_left(settings, run)
+            left += [n for n in stale if n not in left and (run.method == "base" or not n.startswith("eval base "))]
+            seconds, unknown = estimate_left(settings, run, times, left)
             guess = "not estimated" if unknown else f"~{_duration(seconds)}"
             begun = {k: v.get("started") for k, v in read_phases(wd).items() if v.get("status") == "running"}
             shown = [f"{n} (begun {begun[n]})" if begun.get(n) else n for n in left]

@@ -42,10 +42,39 @@ SUBTASKS = (
 DEFAULT_SUBTASKS = ("boolean_expressions", "date_understanding", "logical_deduction_three_objects",
                     "navigate", "sports_understanding", "web_of_lies")
 
+# What "X" in "So the answer is X." is, per subtask: naming it keeps answers scorable (without it,
+# qwen2.5-coder-0.5b answered "plausible" or a sentence on sports_understanding, a name on
+# web_of_lies, and copied "X" itself; on 96 rows outside the evaluation subset, 6 subtasks x 16,
+# base accuracy went 28.1 -> 38.5 %). Subtasks not named here that list "(A)"-style options get
+# OPTION_FORM; anything else GENERIC_FORM.
+OPTION_FORM = "the letter of the correct option in parentheses"
+GENERIC_FORM = "the final answer"
+ANSWER_FORMS = {
+    "boolean_expressions": "True or False",
+    "causal_judgement": "Yes or No",
+    "dyck_languages": "the closing brackets, separated by spaces",
+    "formal_fallacies": "valid or invalid",
+    "multistep_arithmetic_two": "a number",
+    "navigate": "Yes or No",
+    "object_counting": "a number",
+    "sports_understanding": "yes or no",
+    "web_of_lies": "Yes or No",
+    "word_sorting": "the sorted words, separated by spaces",
+}
+
 MARKER = re.compile(r"answer is", re.IGNORECASE)
 OPTION = re.compile(r"\(([A-Z])\)")
 LEADING_OPTION = re.compile(r"\(?([A-Z])\)?(?![\w])")
 SINGLE_WORD = re.compile(r"[A-Za-z]+")
+
+
+def answer_form(ex: Example) -> str:
+    """How the prompt describes the answer: by subtask, else by whether the question lists options
+    (never from the gold answer)."""
+    form = ANSWER_FORMS.get(ex.fields.get("subtask", ""))
+    if form is not None:
+        return form
+    return OPTION_FORM if OPTION.search(ex.question) else GENERIC_FORM
 
 
 def normalize_answer(text: str) -> str:
@@ -129,8 +158,8 @@ class BBH(Task):
                        f"So the answer is {target}.", record)
 
     def prompt(self, ex: Example) -> str:
-        return (f"{ex.question}\n\nThink step by step, then end your response with "
-                f'"So the answer is X." where X is the final answer.')
+        return (f"{ex.question}\n\nThink step by step, then end your response with the sentence "
+                f'"So the answer is <answer>." where <answer> is {answer_form(ex)}.')
 
     def answer_span(self, ex: Example, completion: str) -> list[tuple[int, int]]:
         pattern = r"(?<![\w])" + re.escape(ex.answer) + r"(?![\w])"
