@@ -119,6 +119,12 @@ def test_an_evaluation_made_with_other_prompts_is_made_again(tiny_dir, tmp_path,
     after = json.loads(saved.read_text())
     assert all(rec["prompt"].endswith(" Answer with a number.") for rec in after["records"])
     assert json.loads((wd / "manifest.json").read_text())["phases"]["eval base arith"]["status"] == "complete"
+    # a second change keeps both older results
+    monkeypatch.setattr(arith, "prompt", lambda self, ex: original(self, ex) + " Be brief.")
+    run(config(tiny_dir, method="base"), wd, log=lambda *a: None)
+    assert json.loads((wd / "eval" / "base" / "stale" / "arith.json").read_text()) == before
+    assert json.loads((wd / "eval" / "base" / "stale" / "arith-2.json").read_text()) == after
+    assert all(rec["prompt"].endswith(" Be brief.") for rec in json.loads(saved.read_text())["records"])
 
 
 def test_another_config_in_the_same_workdir_is_refused(tiny_dir, tmp_path):

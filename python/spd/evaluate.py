@@ -127,9 +127,14 @@ def stale_prompts(path, task, examples) -> int:
 
 
 def stale_path(path) -> Path:
-    """Where an evaluation made with outdated prompts is kept when it is made again."""
+    """Where an evaluation made with outdated prompts is kept when it is made again: ``stale/<name>``,
+    or ``stale/<stem>-2<suffix>`` etc. once an older one is there (each prompt change keeps its own)."""
     path = Path(path)
-    return path.parent / "stale" / path.name
+    out, n = path.parent / "stale" / path.name, 1
+    while out.exists():
+        n += 1
+        out = out.with_name(f"{path.stem}-{n}{path.suffix}")
+    return out
 
 
 # -- predictions -------------------------------------------------------------------------------
