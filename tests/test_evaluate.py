@@ -3,6 +3,7 @@ CodeAlpaca NLL against an independent recomputation, and `spd eval` (predictions
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -483,17 +484,22 @@ def test_cli_bad_input_is_one_line(tmp_path, case, message):
 
 def test_cli_model_and_adapter(tiny_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
+    from spd.models import quiet_peft
 
     base = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with quiet_peft():
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)  # LoRA B starts at zero: the adapter changes nothing
     common = ["eval", "--task", "arith", "--n-eval", "3", "--max-new-tokens", "5", "--batch-size", "2",
               "--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32"]
     plain = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "plain.json")])
     assert plain.exit_code == 0, plain.output
-    with_adapter = CliRunner().invoke(cli, common + ["--adapter", str(adapter), "--out", str(tmp_path / "lora.json")])
+    with warnings.catch_warnings(record=True) as caught:  # no FutureWarning from PEFT's loading for the user
+        warnings.simplefilter("always")
+        with_adapter = CliRunner().invoke(cli, common + ["--adapter", str(adapter), "--out", str(tmp_path / "lora.json")])
     assert with_adapter.exit_code == 0, with_adapter.output
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "lora.json"))
     assert [r["completion"] for r in a["records"]] == [r["completion"] for r in b["records"]]
     assert b["source"]["adapter"] == str(adapter) and a["n"] == 3

@@ -524,7 +524,10 @@ def load_adapter(model, path):
     try:
         from peft import PeftModel
 
-        wrapped = PeftModel.from_pretrained(model, str(folder))
+        from .models import quiet_peft
+
+        with quiet_peft():
+            wrapped = PeftModel.from_pretrained(model, str(folder))
     except Exception as exc:  # noqa: BLE001 - peft/safetensors/json errors: one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpdError(f"could not load the adapter in {folder}: {first}") from exc

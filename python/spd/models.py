@@ -246,6 +246,17 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 @contextlib.contextmanager
+def quiet_peft():
+    """PEFT 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` when it wraps a model
+    or loads an adapter: no FutureWarning for the user about that."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
 def _quiet_loading():
     """No per-tensor progress bar for loads that take a second (the GGUF conversion keeps its own)."""
     from transformers.utils import logging as hf_logging

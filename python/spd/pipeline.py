@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -285,6 +284,7 @@ def _evaluate(model, tok, name: str, out: Path, config: RunConfig, adapter: Path
     from .evaluate import (
         adapter_hash,
         evaluate,
+        load_adapter,
         load_eval_examples,
         partial_path,
         save_results,
@@ -294,14 +294,10 @@ def _evaluate(model, tok, name: str, out: Path, config: RunConfig, adapter: Path
     task = get_task(name)
     examples = load_eval_examples(task, n=config.n_eval, seed=config.seed)
     if adapter is not None:  # a fresh base model (training may have wrapped the one in memory)
-        from peft import PeftModel
-
         from .models import load
 
         base, _ = load(config.model, dtype=config.dtype, device=config.device)
-        with warnings.catch_warnings():  # peft 0.21 reads a deprecated transformers attribute
-            warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        model = load_adapter(base, adapter)
     partial = partial_path(out)
     result = evaluate(model, tok, task, examples, batch_size=config.batch_size,
                       max_new_tokens=config.eval_max_new_tokens, partial=partial,

@@ -34,7 +34,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -453,14 +452,6 @@ def _save_merged(peft_model, tokenizer, target: Path):
 # training
 
 
-@contextlib.contextmanager
-def _quiet_peft():
-    """PEFT 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` when wrapping a model."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
 def fast_bf16(device) -> bool:
     """Whether bfloat16 matmuls are fast on ``device``: a GPU with bf16 support, or a CPU with AMX
     tiles (Intel Sapphire Rapids and later; there bf16 GEMMs run ~10x the float32 rate)."""
@@ -589,10 +580,12 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     state = _out_state(out, identity)
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    from .models import quiet_peft
+
     adapter_dir, merged_dir = out / "adapter", out / "merged"
     if state == "done":
         info = _read_json(out / "train.json")
-        with _quiet_peft():
+        with quiet_peft():
             peft_model = PeftModel.from_pretrained(model, adapter_dir)
         result_model = peft_model
         if merge and not merged_dir.is_dir() and is_main_process():
@@ -637,7 +630,7 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     set_seed(opts.seed)  # the LoRA initialisation
     lora = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                       target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
-    with _quiet_peft():
+    with quiet_peft():
         peft_model = get_peft_model(model, lora)
     try:
         timed = [save_every(save_minutes * 60)] if save_minutes is not None and world == 1 else []
