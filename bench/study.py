@@ -14,7 +14,6 @@ Before each refresh, finished exact-match evaluations are re-scored from their s
 """
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa,
         refresh_document,
         render,
         run_study,
+        take_ctrl_c,
     )
 
     settings = StudySettings(root=root, models=tuple(m for m in models.split(",") if m),
@@ -77,10 +77,7 @@ def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa,
         if subprocess.run(args, check=False).returncode != 0:
             click.echo("[study] the report failed (see above); the runs go on")
 
-    def terminated(signum, frame):  # `kill` stops the study like Ctrl-C: its running `spd run` too
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
+    take_ctrl_c()
     try:
         if not report_only:
             statuses = run_study(settings, only=list(only) or None, dry_run=dry_run, log=click.echo,
