@@ -234,12 +234,14 @@ def test_runs_with_evaluations_made_on_old_prompts_are_run_again(tmp_path, monke
     (spd.workdir(tmp_path) / "manifest.json").write_text(json.dumps({"phases": {
         name: {"status": "complete", "seconds": 100.0}
         for name in ("calibrate", "generate", "train", "eval spd gsm8k", "eval spd svamp", "eval spd arith")}}))
+    save(spd.workdir(tmp_path) / "eval" / "base" / "arith.json", ["an older prompt"] * 3)  # copied, not made again
     lines = []
     statuses = {s["run"]: s for s in run_study(st, dry_run=True, log=lines.append)}
     assert statuses["m/math/base"]["status"] == "complete"
     assert statuses["m/math/spd"]["status"] == "todo" and statuses["m/math/spd"]["phases_left"] == ["eval spd arith"]
     assert statuses["m/math/spd"]["estimate_s"] == 100.0
-    assert any("m math/spd: made with prompts that have changed since: eval spd arith" in line for line in lines)
+    assert any("m math/spd: made with prompts that have changed since: eval base arith, eval spd arith" in line
+               for line in lines)
 
 
 def _manifest(workdir: Path, phases: dict):

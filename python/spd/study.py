@@ -304,9 +304,10 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
             continue
         if dry_run:
-            # a method run's stale base evaluations are copied from the base run, not made again
+            # only the run's own evaluations are made again (a method run's base ones are copied, as in
+            # phases_left)
             left = phases_left(settings, run)
-            left += [n for n in stale if n not in left and (run.method == "base" or not n.startswith("eval base "))]
+            left += [n for n in stale if n not in left and n.split()[1] == run.method]
             seconds, unknown = estimate_left(settings, run, times, left)
             guess = "not estimated" if unknown else f"~{_duration(seconds)}"
             begun = {k: v.get("started") for k, v in read_phases(wd).items() if v.get("status") == "running"}

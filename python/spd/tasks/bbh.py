@@ -45,8 +45,8 @@ DEFAULT_SUBTASKS = ("boolean_expressions", "date_understanding", "logical_deduct
 # What the prompt says the answer is, per subtask. Naming it keeps answers scorable: asked only for
 # "So the answer is X." where X is the final answer, qwen2.5-coder-0.5b answered "plausible" or a
 # sentence on sports_understanding, a name on web_of_lies, and copied "X" itself; on 96 rows outside
-# the evaluation subset (6 subtasks x 16) its accuracy went 28.1 -> 38.5 % with these forms. Subtasks not named here that list "(A)"-style options get
-# OPTION_FORM; anything else GENERIC_FORM.
+# the evaluation subset (6 subtasks x 16) its accuracy went 28.1 -> 38.5 % with these forms.
+# Subtasks not named here that list "(A)"-style options get OPTION_FORM; anything else GENERIC_FORM.
 OPTION_FORM = "the letter of the correct option in parentheses"
 GENERIC_FORM = "the final answer"
 ANSWER_FORMS = {
