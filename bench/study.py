@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",
               show_default=True)
 def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa, only, dry_run, report_only, doc):
+    from spd._signals import take_ctrl_c
     from spd.errors import SpdError
     from spd.pipeline import rescore_tree
     from spd.study import (
@@ -47,7 +48,6 @@ def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa,
         refresh_document,
         render,
         run_study,
-        take_ctrl_c,
     )
 
     settings = StudySettings(root=root, models=tuple(m for m in models.split(",") if m),

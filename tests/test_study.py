@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from spd.study import (
     seed_base_evals,
     seed_source_artifacts,
     stale_evals,
-    take_ctrl_c,
 )
 from spd.tasks.base import data_root
 
@@ -173,30 +171,6 @@ def test_stopping_the_study_stops_its_run(tmp_path, monkeypatch):
     assert signals == [signal.SIGINT]
     assert [s["status"] for s in statuses] == ["interrupted"] and statuses[0]["rc"] == 130
     assert "interrupted (exit 130); the same command resumes it" in lines[-1]
-
-
-def test_runs_take_ctrl_c_even_when_the_study_was_started_ignoring_it():
-    """A study started with `nohup ... &` has SIGINT ignored; take_ctrl_c (bench/study.py calls it)
-    gives it a handler, so its runs start with Python's Ctrl-C handler and stopping the study stops
-    them cleanly instead of killing them. SIGTERM becomes KeyboardInterrupt."""
-    import os
-    import signal
-    import subprocess
-
-    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        inherited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        take_ctrl_c()
-        reset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)  # the handler runs at the next bytecode
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    assert (inherited.stdout.strip(), reset.stdout.strip()) == ("False", "True")
 
 
 def test_runs_with_evaluations_made_on_old_prompts_are_run_again(tmp_path, monkeypatch):

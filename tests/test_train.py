@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
                           GPTNeoXForCausalLM, LlamaForCausalLM, TrainerCallback)
 
-from spd import SpdError
+from spd import SpdError, _signals
+from spd._signals import take_ctrl_c
 from spd.cli import cli
 from spd.train import (IGNORE, Collator, CorpusRecord, build_examples, completion_share, encode_record, lora_targets,
                        read_corpus, train)
@@ -237,6 +240,56 @@ def test_timed_checkpoints_between_step_intervals(tiny_dir, tok, corpus, tmp_pat
         train(fresh(tiny_dir), tok, corpus, tmp_path / "bad", save_minutes=0, **opts)
 
 
+class Signal(TrainerCallback):
+    """Sends ``sig`` to this process ``times`` times while optimizer step ``at`` is running."""
+
+    def __init__(self, at, sig, times=1):
+        self.at, self.sig, self.times = at, sig, times
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.sig)
+                time.sleep(0.2)  # the handler runs at the next bytecode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_checkpoints_the_current_step_then_stops(tiny_dir, tok, corpus, tmp_path, sig):
+    """The first Ctrl-C (or SIGTERM under the `spd` command) lets the running step finish and
+    checkpoints it, so nothing is lost; the resumed run equals an uninterrupted one."""
+    opts = dict(FAST, save_steps=100, save_minutes=None)  # no checkpoint but the stop's own
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        take_ctrl_c()
+        with pytest.raises(KeyboardInterrupt, match="stopped after step 5"):
+            train(fresh(tiny_dir), tok, corpus, tmp_path / "cut", callbacks=[Signal(5, sig)], **opts)
+        handlers = {s: signal.getsignal(s) for s in saved}
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert handlers == {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _signals._terminated}
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["checkpoint-5"]
+    assert not json.loads((tmp_path / "cut" / "train.json").read_text())["finished"]
+    resumed = train(fresh(tiny_dir), tok, corpus, tmp_path / "cut", **opts)
+    assert resumed.info["resumed_from"] == "checkpoint-5" and resumed.info["global_step"] == 12
+    train(fresh(tiny_dir), tok, corpus, tmp_path / "whole", **opts)
+    a, b = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
+
+
+def test_second_ctrl_c_stops_at_once(tiny_dir, tok, corpus, tmp_path):
+    opts = dict(FAST, save_steps=100, save_minutes=None)
+    model = fresh(tiny_dir)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(model, tok, corpus, tmp_path / "now", callbacks=[Signal(5, signal.SIGINT, times=2)], **opts)
+    assert "stopped after step" not in str(stopped.value)
+    assert not (tmp_path / "now" / "checkpoints").exists() or not any((tmp_path / "now" / "checkpoints").iterdir())
+    assert not any("lora" in n for n, _ in model.named_modules())  # handed back clean
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_merge_writes_a_plain_model(tiny_dir, tok, corpus, tmp_path):
     out = tmp_path / "m"
     result = train(fresh(tiny_dir), tok, corpus, out, **FAST, completion_only=True, merge=True,
@@ -429,6 +482,33 @@ def test_cli_train(tiny_dir, corpus, tmp_path):
     assert info["config"]["completion_only"] and info["config"]["drop_trivial"] and info["model"] == str(tiny_dir)
     assert info["examples"]["dropped_trivial"] == 1 and not info["gradient_checkpointing"]
     assert (out / "merged" / "config.json").is_file()
+
+
+def test_cli_train_killed_checkpoints_its_step_and_exits_130(tiny_dir, corpus, tmp_path):
+    """`kill` (SIGTERM) on `spd train` stops it like Ctrl-C: the running step is checkpointed, the
+    process says so and exits 130 (which `bench/study.py` reads as "stopped")."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "spd.cli", "train", "--model", str(tiny_dir), "--corpus", str(corpus),
+           "--out", str(out), "--epochs", "2000", "--lr", "1e-3", "--batch-size", "4", "--save-steps", "100000",
+           "--save-minutes", "1000", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "train.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # into the training loop
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stopping: the current training step is checkpointed" in stderr
+    assert "interrupted: finished work is kept; the same command resumes it" in stderr
+    assert "Traceback" not in stderr
+    steps = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(steps) == 1 and int(steps[0].split("-")[1]) > 0, steps
+    assert not json.loads((out / "train.json").read_text())["finished"]
 
 
 def _finished_other_run(out):

@@ -6,13 +6,14 @@ import sys
 
 import click
 
+from ._signals import take_ctrl_c
 from ._version import __version__
 from .errors import SpdError
 
 
 class _Group(click.Group):
     """Turns SpdError (a user mistake) into a one-line message and exit code 1, never a traceback;
-    Ctrl-C into exit code 130 (the shell's convention, which `bench/study.py` reads as "stop")."""
+    Ctrl-C (and SIGTERM, see ``main``) into exit code 130 (the shell's convention, which `bench/study.py` reads as "stop")."""
 
     def invoke(self, ctx):
         try:
@@ -475,6 +476,7 @@ def _subspace_table(sub) -> str:
 
 
 def main(argv=None):
+    take_ctrl_c()  # `kill` stops a command like Ctrl-C: finished work kept, training checkpointed
     cli.main(args=argv, prog_name="spd")
 
 

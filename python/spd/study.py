@@ -358,20 +358,6 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
     return statuses
 
 
-def take_ctrl_c() -> None:
-    """For the study's own process: SIGTERM stops it like Ctrl-C (its running ``spd run`` too), and
-    Ctrl-C works even when it was started in the background (``nohup ... &`` starts it with SIGINT
-    ignored, which its runs would inherit: ``_stop`` could then only kill them, losing the work since
-    their last checkpoint; a handler, unlike "ignored", is not inherited)."""
-    import signal
-
-    def terminated(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _stop(proc, grace_s: float = 120.0) -> int:
     """Ctrl-C for a run (it keeps its finished work and exits), killed if it has not after ``grace_s``."""
     import signal

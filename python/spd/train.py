@@ -12,7 +12,9 @@ with plain next-token loss through transformers' ``Trainer`` on a PEFT LoRA adap
 * resumable: checkpoints go to ``out/checkpoints/`` every ``save_steps`` optimizer steps and, in
   a single process, also whenever ``save_minutes`` of training passed since the last one (a slow
   CPU step count can span an hour); re-running the same call continues from the newest complete
-  one (optimizer, scheduler, RNG and data position included).
+  one (optimizer, scheduler, RNG and data position included). In a single process the first Ctrl-C
+  (or SIGTERM under the ``spd`` command) lets the current optimizer step finish, checkpoints it and
+  then raises KeyboardInterrupt, so a stopped run loses no step; a second one stops at once.
 * output: ``out/adapter/`` (a standard PEFT adapter, written atomically), ``out/train.json``
   (configuration, corpus and its manifest, examples used/dropped, loss history, versions), and
   with ``merge=True`` ``out/merged/``, a plain transformers checkpoint with the adapter folded in.
@@ -40,6 +42,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_dir, atomic_file, file_sha256
+from ._signals import stop_after_step
 from ._version import __version__
 from .errors import SpdError
 
@@ -632,10 +635,13 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
                       target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
     with quiet_peft():
         peft_model = get_peft_model(model, lora)
+    stop = contextlib.ExitStack()
     try:
         timed = [save_every(save_minutes * 60)] if save_minutes is not None and world == 1 else []
+        request = stop.enter_context(stop_after_step(_log_stop_request)) if world == 1 else None
+        graceful = [checkpoint_and_stop_on(request)] if request is not None else []
         trainer = Trainer(model=peft_model, args=args, train_dataset=_Examples(items),
-                          data_collator=Collator(pad_id(tokenizer)), callbacks=timed + list(callbacks))
+                          data_collator=Collator(pad_id(tokenizer)), callbacks=timed + graceful + list(callbacks))
         if not progress:
             trainer.remove_callback(PrinterCallback)
         info = {"finished": False, "config": identity, "model": model_name or getattr(model, "spd_name", None),
@@ -652,11 +658,15 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
             log.info("resuming from %s", resume)
         with bf16_frozen_linears(peft_model, enabled=info["frozen_weights_bf16"]):
             output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        if request is not None and request.requested:
+            raise KeyboardInterrupt(f"stopped after step {trainer.state.global_step}, which is checkpointed")
     except BaseException:
+        stop.close()
         _after_training(model, use_cache)
         _drop_autocast_wrapper(peft_model)
         peft_model.unload()  # hand the caller's model back without LoRA layers (a retry starts clean)
         raise
+    stop.close()
     _after_training(model, use_cache)
     _drop_autocast_wrapper(peft_model)
     peft_model.eval()
@@ -678,6 +688,24 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
         result_model = peft_model.merge_and_unload()
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, adapter_dir, merged_dir if merge else None, result_model, info)
+
+
+def _log_stop_request() -> None:
+    log.warning("stopping: the current training step is checkpointed when it ends (Ctrl-C again to stop now)")
+
+
+def checkpoint_and_stop_on(request):
+    """A ``TrainerCallback`` that, once ``request.requested`` is set, checkpoints the optimizer step
+    that just ended and stops training."""
+    from transformers import TrainerCallback
+
+    class CheckpointAndStop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if request.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return CheckpointAndStop()
 
 
 def save_every(seconds: float):
