@@ -23,6 +23,7 @@ from spd.study import (
     run_study,
     seed_base_evals,
     seed_source_artifacts,
+    speed_ratio,
     stale_evals,
 )
 from spd.tasks.base import data_root
@@ -249,12 +250,12 @@ def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_pat
     assert phases_left(st, runs["m", "code/base"]) == ["eval base mbpp", "eval base codealpaca"]
     assert phases_left(st, runs["m", "ood/math-qa"])[0] == "calibrate"
     # train: no math train finished, so the code one (same model and kind); evals: the base's of the same task
-    assert estimate_left(st, spd) == (1800.0 + 600.0 + 300.0, [])
-    assert estimate_left(st, runs["m", "math/psr"]) == (1200.0 + 1800.0 + 600.0 + 300.0, [])
-    seconds, unknown = estimate_left(st, runs["m", "ood/math-qa"])  # calibrate on mmlu: the gsm8k one
+    assert estimate_left(st, spd) == (1800.0 + 600.0 + 300.0, [], [])
+    assert estimate_left(st, runs["m", "math/psr"]) == (1200.0 + 1800.0 + 600.0 + 300.0, [], [])
+    seconds, unknown, _ = estimate_left(st, runs["m", "ood/math-qa"])  # calibrate on mmlu: the gsm8k one
     assert seconds == 60.0 + 1200.0 + 1800.0 + 900.0 and unknown == []
     assert estimate_left(st, runs["other", "math/spd"]) == (0.0, ["calibrate", "generate", "train",
-                                                                 "eval spd gsm8k", "eval spd svamp"])
+                                                                 "eval spd gsm8k", "eval spd svamp"], [])
     runs["m", "math/psr"].workdir(tmp_path).mkdir(parents=True)
     (runs["m", "math/psr"].workdir(tmp_path) / "manifest.json").write_text(json.dumps({"phases": {
         "generate": {"status": "running", "attempt": 1, "started": "2026-01-02T03:04:05+0000"}}}))
@@ -266,6 +267,30 @@ def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_pat
     assert statuses["m/math/spd"]["estimate_s"] == 2700.0
     assert any("m math/spd: would run (train, eval spd gsm8k, eval spd svamp; ~45 min)" in line for line in lines)
     assert "not estimated: the runs of other" in lines[-1] and lines[-1].startswith("[study] left: 19 of 20 runs")
+
+
+def test_a_models_first_runs_are_priced_from_another_model_once_one_of_its_phases_finished(tmp_path):
+    st = StudySettings(root=tmp_path, models=("m", "small"), domains=("math",), ood=False, ablation=False)
+    runs = {(r.model, r.key): r for r in st.runs()}
+    _manifest(runs["m", "math/base"].workdir(tmp_path), {"eval base gsm8k": 600.0, "eval base svamp": 300.0})
+    _manifest(runs["m", "math/spd"].workdir(tmp_path), {"eval base gsm8k": None, "eval base svamp": None,
+                                                        "calibrate": 60.0, "generate": 1200.0, "train": 1800.0})
+    small_spd = runs["small", "math/spd"]
+    assert speed_ratio(phase_times(st), "small", "m") is None
+    assert estimate_left(st, small_spd)[0] == 0.0 and len(estimate_left(st, small_spd)[1]) == 5
+    _manifest(runs["small", "math/base"].workdir(tmp_path), {"eval base gsm8k": 200.0, "eval base svamp": 150.0})
+    times = phase_times(st)
+    assert speed_ratio(times, "small", "m") == (200 / 600 + 150 / 300) / 2  # the median of two
+    ratio = speed_ratio(times, "small", "m")
+    seconds, unknown, scaled = estimate_left(st, small_spd, times)
+    # calibrate, generate and train from m's times scaled; the evaluations from small's own eval times
+    assert unknown == [] and scaled == ["calibrate", "generate", "train"]
+    assert seconds == pytest.approx((60.0 + 1200.0 + 1800.0) * ratio + 200.0 + 150.0)
+    lines = []
+    run_study(st, dry_run=True, log=lines.append)
+    assert any("small math/spd: would run (calibrate, generate, train, eval spd gsm8k, eval spd svamp; "
+               "~27 min, 3 phases scaled from another model)" in line for line in lines), lines
+    assert "not estimated" not in lines[-1]
 
 
 def test_collect_and_render(tmp_path, monkeypatch):

@@ -257,23 +257,46 @@ def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
     return out
 
 
+def speed_ratio(times: dict, model: str, other: str) -> float | None:
+    """How long ``model``'s phases take against ``other``'s: the median, over the (kind, task) pairs
+    both have finished, of the ratio of their median wall times; None when they share none."""
+    import statistics
+
+    ratios = [statistics.median(t) / statistics.median(times[(other, *key[1:])])
+              for key, t in times.items() if len(key) == 3 and key[0] == model and (other, *key[1:]) in times]
+    return statistics.median(ratios) if ratios else None
+
+
 def estimate_left(settings: StudySettings, run: StudyRun, times: dict | None = None,
-                  phases: list[str] | None = None) -> tuple[float, list[str]]:
-    """(seconds, phases without an estimate) for what ``run`` has left (``phases``, default
-    ``phases_left``): each phase costs the median wall time of the finished phases of the same model,
-    kind and task, else of the same model and kind on any task (a phase in progress counts whole)."""
+                  phases: list[str] | None = None) -> tuple[float, list[str], list[str]]:
+    """(seconds, phases without an estimate, phases priced from another model) for what ``run`` has
+    left (``phases``, default ``phases_left``): each phase costs the median wall time of the finished
+    phases of the same model, kind and task, else of the same model and kind on any task (a phase in
+    progress counts whole); failing both, another model's such median times this model's
+    :func:`speed_ratio` to it (so a model's first runs are priced once any of its phases finished)."""
     import statistics
 
     times = phase_times(settings) if times is None else times
-    seconds, unknown = 0.0, []
+
+    def median(model, kind, task):
+        seen = times.get((model, kind, task)) or times.get((model, kind))
+        return statistics.median(seen) if seen else None
+
+    seconds, unknown, scaled = 0.0, [], []
+    ratios = {m: speed_ratio(times, run.model, m) for m in settings.models if m != run.model}
     for name in phases_left(settings, run) if phases is None else phases:
         kind, task = _phase_kind(name, run)
-        seen = times.get((run.model, kind, task)) or times.get((run.model, kind))
-        if seen:
-            seconds += statistics.median(seen)
-        else:
+        own = median(run.model, kind, task)
+        if own is not None:
+            seconds += own
+            continue
+        other = next(((m, r) for m, r in ratios.items() if r is not None and median(m, kind, task) is not None), None)
+        if other is None:
             unknown.append(name)
-    return seconds, unknown
+        else:
+            seconds += median(other[0], kind, task) * other[1]
+            scaled.append(name)
+    return seconds, unknown, scaled
 
 
 def _duration(seconds: float) -> str:
@@ -308,13 +331,14 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             # phases_left)
             left = phases_left(settings, run)
             left += [n for n in stale if n not in left and n.split()[1] == run.method]
-            seconds, unknown = estimate_left(settings, run, times, left)
-            guess = "not estimated" if unknown else f"~{_duration(seconds)}"
+            seconds, unknown, scaled = estimate_left(settings, run, times, left)
+            guess = "not estimated" if unknown else f"~{_duration(seconds)}" + (
+                f", {len(scaled)} phase{'s' * (len(scaled) > 1)} scaled from another model" if scaled else "")
             begun = {k: v.get("started") for k, v in read_phases(wd).items() if v.get("status") == "running"}
             shown = [f"{n} (begun {begun[n]})" if begun.get(n) else n for n in left]
             log(f"{label}: would run ({', '.join(shown) or 'finishing'}; {guess}): {' '.join(cmd)}")
             statuses.append({"run": f"{run.model}/{run.key}", "status": "todo", "phases_left": left,
-                             "estimate_s": seconds, "not_estimated": unknown})
+                             "estimate_s": seconds, "not_estimated": unknown, "scaled": scaled})
             continue
         wd.mkdir(parents=True, exist_ok=True)
         copied = seed_base_evals(settings, run)
@@ -353,8 +377,9 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
         blind = sorted({s["run"].split("/")[0] for s in todo if s["not_estimated"]})
         log(f"[study] left: {len(todo)} of {len(runs)} runs; ~{_duration(sum(s['estimate_s'] for s in known))} "
             f"for {len(known)} of them (median wall time of this model's finished phases of the same kind, "
-            "same task where there is one)"
-            + (f"; not estimated: the runs of {', '.join(blind)} (no finished phase of that kind yet)" if blind else ""))
+            "same task where there is one; else another model's, scaled by how the two models' times compare "
+            "on the phases both finished)"
+            + (f"; not estimated: the runs of {', '.join(blind)} (no finished phase to price them from yet)" if blind else ""))
     return statuses
 
 
