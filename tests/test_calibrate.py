@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from spd import SpdError
 from spd.arch import get_adapter
@@ -210,6 +210,20 @@ def test_cli_calibrate_inspect_and_dump(tiny_dir, tmp_path):
     assert shown.exit_code == 0 and "energy" in shown.output and "arith" in shown.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert len([l for l in shown.output.splitlines() if l.strip().startswith(("0 ", "2 "))]) == 4
+    rnd = tmp_path / "random.safetensors"
+    made = CliRunner().invoke(cli, ["random-subspace", str(out), "--out", str(rnd), "--seed", "3"])
+    assert made.exit_code == 0, made.output
+    control = Subspace.load(rnd)
+    assert control.sites == sub.sites and control.rank(2, "v") == 5 and control.metadata["source"] == "random"
+    control.check_model(AutoModelForCausalLM.from_pretrained(tiny_dir))  # usable in place of the calibrated one
+    for other, same in ((out, True), (rnd, False)):
+        compared = CliRunner().invoke(cli, ["inspect", str(out), "--against", str(other)])
+        assert compared.exit_code == 0, compared.output
+        rows = [line.split() for line in compared.output.splitlines() if line.strip()[:1].isdigit()]
+        assert [r[:2] for r in rows] == [["0", "K"], ["0", "V"], ["2", "K"], ["2", "V"]]
+        values = [float(r[2]) for r in rows]
+        assert all(v == 1.0 for v in values) if same else all(0.0 <= v < 1.0 for v in values)
+        assert {r[3] for r in rows} == {f"{5 / 24:.3f}"}
 
 
 @pytest.mark.parametrize("case, message", [

@@ -21,8 +21,8 @@ def test_help_lists_only_working_commands():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.split("Commands:")[1].strip().splitlines()}
-    assert listed == {"bench", "calibrate", "chat", "doctor", "eval", "export", "generate", "inspect", "report",
-                      "rescore", "run", "train"}
+    assert listed == {"bench", "calibrate", "chat", "doctor", "eval", "export", "generate", "inspect",
+                      "random-subspace", "report", "rescore", "run", "train"}
 
 
 def test_doctor_json_matches_the_environment():

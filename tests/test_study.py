@@ -353,6 +353,29 @@ def test_bbh_subtasks_get_their_own_table(tmp_path):
     assert "BBH per subtask" not in render(collect(StudySettings(root=tmp_path / "none", models=("m",))))
 
 
+def test_calibrated_subspaces_are_compared_pair_by_pair(tmp_path):
+    import torch
+    from spd.subspace import Subspace
+
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math", "code", "qa"), ood=True, ablation=True)
+    like = Subspace.from_bases({(1, "k"): torch.eye(8)[:, :4], (1, "v"): torch.eye(8)[:, 4:]}, model="m")
+    files = {"math/spd": like, "code/spd": Subspace.random_like(like, seed=1), "qa/spd": like, "ood/math-qa": like}
+    for key, sub in files.items():
+        (tmp_path / "m" / key).mkdir(parents=True)
+        sub.save(tmp_path / "m" / key / "subspace.safetensors")
+    pairs = {(p["a"], p["b"]): p for p in collect(st)["models"]["m"]["overlap"]}
+    # the pairs whose two files exist (no ablation subspace yet)
+    assert set(pairs) == {("math/spd", "code/spd"), ("math/spd", "qa/spd"), ("code/spd", "qa/spd"),
+                          ("qa/spd", "ood/math-qa")}
+    assert pairs["math/spd", "qa/spd"]["sites"] == {"1 K": [1.0, 0.5], "1 V": [1.0, 0.5]}
+    random = pairs["math/spd", "code/spd"]["sites"]["1 V"][0]
+    assert 0.0 < random < 1.0 and random == pytest.approx(like.overlap(files["code/spd"])[1, "v"][0])
+    text = render(collect(st))
+    assert "| subspaces | calibrations differ in | 1 K | 1 V | chance |" in text
+    assert "| math/spd vs qa/spd | domain (GSM8K vs MMLU) | 1.000 | 1.000 | 0.500 |" in text
+    assert "Overlap of the calibrated" not in render(collect(StudySettings(root=tmp_path / "none", models=("m",))))
+
+
 def test_refresh_document_keeps_hand_written_text(tmp_path):
     doc = tmp_path / "RESULTS.md"
     refresh_document(doc, "table one")

@@ -54,6 +54,43 @@ def test_energy_is_the_kept_share(gen):
     assert sub.energy(0, "k") == pytest.approx(13 / 14)
 
 
+def test_overlap_is_the_mean_squared_cosine_of_the_principal_angles(gen):
+    a = orthonormal(12, 4, gen)
+    inside = a[:, :2]  # a 2-D subspace of span(a)
+    q = torch.linalg.qr(torch.cat([a, torch.randn(12, 3, generator=gen, dtype=torch.float64)], 1)).Q
+    outside = q[:, 4:7]  # orthogonal to span(a)
+    half = torch.cat([a[:, :1], outside[:, :1]], 1)  # one direction in, one out
+    sub = Subspace({(0, "k"): a, (1, "v"): a, (2, "k"): a})
+    other = Subspace({(0, "k"): inside, (1, "v"): outside, (2, "k"): half, (5, "v"): a})
+    got = sub.overlap(other)
+    assert sorted(got) == [(0, "k"), (1, "v"), (2, "k")]  # the sites both have
+    assert got[0, "k"] == (pytest.approx(1.0), 4 / 12) and got[1, "v"][0] == pytest.approx(0.0, abs=1e-12)
+    assert got[2, "k"][0] == pytest.approx(0.5)
+    # the reference: the cosines of the principal angles are the singular values of A^T B
+    cos = torch.linalg.svdvals(a.T @ half)
+    assert got[2, "k"][0] == pytest.approx(float((cos**2).mean()))
+    assert other.overlap(sub)[2, "k"][0] == pytest.approx(got[2, "k"][0])  # symmetric
+    with pytest.raises(SpdError, match="different widths"):
+        sub.overlap(Subspace({(0, "k"): orthonormal(8, 2, gen)}))
+    with pytest.raises(SpdError, match="share no layer"):
+        sub.overlap(Subspace({(7, "k"): a}))
+
+
+def test_random_like_keeps_sites_ranks_and_model_and_sits_at_chance(gen):
+    like = Subspace({(3, "k"): orthonormal(64, 32, gen), (3, "v"): orthonormal(64, 16, gen)},
+                    {(3, "k"): torch.ones(64)}, {"model": "m", "fingerprint": "abc", "task": "gsm8k", "loss": "aligned"})
+    rnd = Subspace.random_like(like, seed=1)
+    assert rnd.sites == like.sites and [rnd.rank(*s) for s in rnd.sites] == [32, 16] and rnd.d == 64
+    assert rnd.metadata["fingerprint"] == "abc" and rnd.metadata["source"] == "random"
+    assert rnd.metadata["like"] == "gsm8k" and "loss" not in rnd.metadata and not rnd.singular_values
+    rnd.check_orthonormal(tol=1e-6)
+    assert torch.equal(Subspace.random_like(like, seed=1).bases[3, "k"], rnd.bases[3, "k"])  # seeded
+    assert not torch.equal(Subspace.random_like(like, seed=2).bases[3, "k"], rnd.bases[3, "k"])
+    # uniformly random: the overlap with a fixed subspace averages max(r_a, r_b) / d over seeds
+    mean = sum(Subspace.random_like(like, seed=s).overlap(like)[3, "k"][0] for s in range(40)) / 40
+    assert like.overlap(rnd)[3, "k"][1] == 0.5 and mean == pytest.approx(0.5, abs=0.02)
+
+
 def test_from_bases_without_metadata_warns_on_model_check(gen):
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)

@@ -106,11 +106,17 @@ def calibrate(model, task, data, out, layers, rank, project, loss, svd, n_calibr
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the singular value spectra (PNG).")
-def inspect(file, plot):
-    """Show a subspace file: metadata, and per layer and K/V the rank, captured energy and spectrum."""
+@click.option("--against", type=click.Path(dir_okay=False), default=None,
+              help="Another subspace file: show how much the two overlap per layer and K/V.")
+def inspect(file, plot, against):
+    """Show a subspace file: metadata, and per layer and K/V the rank, captured energy and spectrum
+    (with --against, the overlap with another subspace instead)."""
     from .subspace import Subspace
 
     sub = Subspace.load(file)
+    if against:
+        click.echo(_overlap_table(sub.overlap(Subspace.load(against))))
+        return
     click.echo(sub.describe())
     click.echo(_subspace_table(sub))
     if plot:
@@ -464,6 +470,28 @@ def bench_svd(quick, out, plot, readme, device, tiny, ms, ds, methods):
 def bench_train(quick, out, plot, readme, device, tiny, model, task, corpus, steps, reps, variants):
     _run_bench("train", quick, out, plot, readme, device, tiny, model=model, task=task, corpus=corpus,
                steps=steps, reps=reps, variants=variants)
+
+
+def _overlap_table(overlap) -> str:
+    lines = ["layer  kv  overlap  chance"]
+    for (layer, kind), (value, chance) in sorted(overlap.items()):
+        lines.append(f"{layer:>5}  {kind.upper():>2}  {value:7.3f}  {chance:6.3f}")
+    lines.append("overlap: mean squared cosine of the principal angles (1: one subspace holds the other, "
+                 "0: orthogonal); chance: its expectation for uniformly random subspaces of these ranks")
+    return "\n".join(lines)
+
+
+@cli.command("random-subspace")
+@click.argument("like", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Subspace file to write.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def random_subspace(like, out, seed):
+    """A control for SPD: random orthonormal bases with the layers, K/V sites and ranks of the
+    subspace LIKE (for the same model), to generate with in its place."""
+    from .subspace import Subspace
+
+    Subspace.random_like(Subspace.load(like), seed=seed).save(out)
+    click.echo(f"wrote {out}: a random subspace shaped like {like} (seed {seed})")
 
 
 def _subspace_table(sub) -> str:

@@ -560,6 +560,33 @@ def collect(settings: StudySettings) -> dict:
                         continue
                     m["paired"][f"{run.key} vs {key} on {task}"] = {"run": run.key, "against": key, "task": task,
                                                                     **_paired_by_id(mine, theirs, settings.seed)}
+        m["overlap"] = subspace_overlaps(settings, model)
+    return out
+
+
+OVERLAP_PAIRS = (  # (run, run, what differs between their calibrations)
+    ("math/spd", "code/spd", "domain (GSM8K vs MBPP)"),
+    ("math/spd", "qa/spd", "domain (GSM8K vs MMLU)"),
+    ("code/spd", "qa/spd", "domain (MBPP vs MMLU)"),
+    ("math/spd", "ablation/math-full", "loss (aligned vs full)"),
+    ("qa/spd", "ood/math-qa", "nothing (a rerun)"),
+)
+
+
+def subspace_overlaps(settings: StudySettings, model: str) -> list[dict]:
+    """Per :data:`OVERLAP_PAIRS` whose two subspace files exist: the overlap per site
+    (:meth:`spd.subspace.Subspace.overlap`), as ``{"a", "b", "differs", "sites": {"11 K": [overlap, chance]}}``."""
+    from .subspace import Subspace
+
+    out, loaded = [], {}
+    for a, b, differs in OVERLAP_PAIRS:
+        files = [settings.root / model / key / "subspace.safetensors" for key in (a, b)]
+        if not all(f.is_file() for f in files):
+            continue
+        subs = [loaded.setdefault(f, Subspace.load(f)) for f in files]
+        sites = subs[0].overlap(subs[1])
+        out.append({"a": a, "b": b, "differs": differs,
+                    "sites": {f"{layer} {kind.upper()}": list(v) for (layer, kind), v in sorted(sites.items())}})
     return out
 
 
@@ -634,6 +661,7 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                     sc = runs.get(key, {}).get("scores", {})
                     lines.append(f"| {method.upper()} | {where} | {_cell(sc, 'mmlu')} | {_cell(sc, 'bbh')} |")
             lines.append("")
+        lines += _overlap_table(m.get("overlap") or [])
         lines += _subtask_table(runs)
         if m["paired"]:
             lines += [("Paired tests (same evaluation examples): difference of the score (first minus second; "
@@ -691,6 +719,24 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                    f"figures ({PAPER_MODEL}) for the same method."), ""]
     lines += ["Settings: " + ", ".join(f"{k}={_setting(k, v)}" for k, v in st.items() if k != "extra"), ""]
     return "\n".join(lines)
+
+
+def _overlap_table(pairs: list[dict]) -> list[str]:
+    """How alike the calibrated subspaces are (markdown lines; none without a pair)."""
+    if not pairs:
+        return []
+    sites = list(pairs[0]["sites"])
+    lines = [("Overlap of the calibrated K/V subspaces (`spd inspect A --against B`): per layer and K/V the mean "
+              "squared cosine of the principal angles, 1 for the same subspace; chance is its expectation for "
+              "random subspaces of these ranks:"), "",
+             "| subspaces | calibrations differ in | " + " | ".join(sites) + " | chance |",
+             "|---|---|" + "---|" * (len(sites) + 1)]
+    for p in pairs:
+        chance = {round(v[1], 3) for v in p["sites"].values()}
+        lines.append(f"| {p['a']} vs {p['b']} | {p['differs']} | "
+                     + " | ".join(f"{p['sites'][s][0]:.3f}" if s in p["sites"] else "-" for s in sites)
+                     + f" | {' / '.join(f'{c:.3f}' for c in sorted(chance))} |")
+    return lines + [""]
 
 
 def _subtask_table(runs: dict) -> list[str]:

@@ -81,6 +81,21 @@ class Subspace:
         sub.check_orthonormal()
         return sub
 
+    @classmethod
+    def random_like(cls, other: Subspace, seed: int = 0) -> Subspace:
+        """A control: uniformly random orthonormal bases with ``other``'s sites, width and ranks (and
+        its model metadata, so it passes the same model check), no spectrum."""
+        gen = torch.Generator().manual_seed(int(seed))
+        bases = {}
+        for site in other.sites:
+            gauss = torch.randn(other.d, other.rank(*site), generator=gen, dtype=torch.float64)
+            q, r = torch.linalg.qr(gauss)
+            bases[site] = q * torch.sign(torch.diagonal(r))  # sign-fixed: Haar-distributed
+        keep = {k: v for k, v in other.metadata.items()
+                if k in ("model", "model_type", "d_kv", "n_layers", "fingerprint", "rank_rule", "layers", "project")}
+        return cls.from_bases(bases, **keep, source="random", random_seed=str(int(seed)),
+                              like=other.metadata.get("task", ""))
+
     # -- facts ----------------------------------------------------------------------------------
     @property
     def d(self) -> int:
@@ -116,6 +131,22 @@ class Subspace:
             digest.update(repr(site).encode())
             digest.update(self.bases[site].numpy().tobytes())
         return digest.hexdigest()
+
+    def overlap(self, other: Subspace) -> dict[Site, tuple[float, float]]:
+        """Per site both have: (overlap, chance). Overlap = ||A^T B||_F^2 / min(r_a, r_b), the mean
+        squared cosine of the principal angles: 1 when the smaller subspace lies in the larger, 0 when
+        orthogonal; chance = max(r_a, r_b) / d, its expectation for uniformly random subspaces."""
+        if other.d != self.d:
+            raise SpdError(f"subspaces of different widths cannot be compared (d_kv {self.d} vs {other.d})")
+        common = [s for s in self.sites if s in other.bases]
+        if not common:
+            raise SpdError(f"the subspaces share no layer and K/V site ({self.sites} vs {other.sites})")
+        out = {}
+        for site in common:
+            a, b = self.bases[site].double(), other.bases[site].double()
+            ra, rb = a.shape[1], b.shape[1]
+            out[site] = (float((a.T @ b).pow(2).sum()) / min(ra, rb), max(ra, rb) / self.d)
+        return out
 
     # -- checks ---------------------------------------------------------------------------------
     def check_orthonormal(self, tol: float = ORTHONORMAL_TOL, source: str = "subspace") -> None:
