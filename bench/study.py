@@ -1,6 +1,7 @@
 """The reproduction study in one command: every run of base, PSR, SSD and SPD (code, math, QA), the
-out-of-domain row, the loss ablation and QA again with the training loss on the completions only
-(beyond the paper; `--no-completion-only-qa` leaves it out), for each model; then docs/RESULTS.md
+out-of-domain row, the loss ablation, QA again with the training loss on the completions only
+and SPD on math with a random subspace in place of the calibrated one (both beyond the paper;
+`--no-completion-only-qa`, `--no-controls` leave them out), for each model; then docs/RESULTS.md
 (between its study markers) and docs/results.png. Resumable: stop it at any point and run the same
 command again.
 
@@ -32,12 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Generation/eval batch.")
 @click.option("--completion-only-qa/--no-completion-only-qa", default=True, show_default=True,
               help="After the paper's protocol, train the QA runs again with the loss on the completions only.")
+@click.option("--controls/--no-controls", default=True, show_default=True,
+              help="After the paper's protocol, SPD on math with a random subspace of the calibrated one's shape.")
 @click.option("--only", multiple=True, help="Only the runs whose '<model>/<key>' contains this (repeatable).")
 @click.option("--dry-run", is_flag=True, help="List the runs, the phases each has left and an estimate of the time; run nothing.")
 @click.option("--report", "report_only", is_flag=True, help="Only refresh the document from finished runs.")
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",
               show_default=True)
-def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa, only, dry_run, report_only, doc):
+def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa, controls, only, dry_run, report_only, doc):
     from spd._signals import take_ctrl_c
     from spd.errors import SpdError
     from spd.pipeline import rescore_tree
@@ -52,7 +55,7 @@ def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa,
 
     settings = StudySettings(root=root, models=tuple(m for m in models.split(",") if m),
                              domains=tuple(d for d in domains.split(",") if d), n_train=n_train, epochs=epochs,
-                             batch_size=batch_size, completion_only_qa=completion_only_qa)
+                             batch_size=batch_size, completion_only_qa=completion_only_qa, controls=controls)
 
     def report():
         if settings.root.is_dir():  # finished evaluations follow the current answer extraction

@@ -1,17 +1,17 @@
 """`spd run` end to end on a tiny model; interrupted in every phase, it resumes to the same results."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 import torch
 from click.testing import CliRunner
-
 from spd import SpdError
 from spd.cli import cli
 from spd.pipeline import RunConfig, run, ssd_drops_one_line
-from spd.tasks import get_task
 from spd.subspace import Subspace
+from spd.tasks import get_task
 
 from .conftest import save_tiny_llama
 
@@ -127,6 +127,41 @@ def test_an_evaluation_made_with_other_prompts_is_made_again(tiny_dir, tmp_path,
     assert all(rec["prompt"].endswith(" Be brief.") for rec in json.loads(saved.read_text())["records"])
 
 
+def test_a_given_subspace_is_used_instead_of_calibrating(tiny_dir, tmp_path, monkeypatch):
+    """`spd run --subspace FILE` (the study's random control): checked against the model, copied,
+    generated under; calibration never runs, and a file changed afterwards is refused."""
+    from spd.arch import get_adapter
+    from spd.subspace import weights_fingerprint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    d = get_adapter(model).d_kv
+    shape = Subspace.from_bases({(1, "k"): torch.eye(d)[:, : d // 2], (3, "v"): torch.eye(d)[:, : d // 2]},
+                                model=str(tiny_dir), fingerprint=weights_fingerprint(model, [1, 3]))
+    given = tmp_path / "random.safetensors"
+    Subspace.random_like(shape, seed=0).save(given)
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated although a subspace was given")
+
+    monkeypatch.setattr(importlib.import_module("spd.calibrate"), "calibrate", no_calibration)
+    wd = tmp_path / "control"
+    run(config(tiny_dir, subspace=str(given)), wd, log=lambda *a: None)
+    used = Subspace.load(wd / "subspace.safetensors")
+    assert used.content_hash() == Subspace.load(given).content_hash() and used.metadata["source"] == "random"
+    manifest = json.loads((wd / "manifest.json").read_text())
+    assert manifest["phases"]["calibrate"]["given"] == str(given) and manifest["config"]["subspace"] == str(given)
+    corpus = json.loads((wd / "corpus.jsonl.manifest.json").read_text())["config"]
+    assert corpus["subspace"] == used.content_hash() and set(scores(wd)) == {"base", "spd"}
+    Subspace.random_like(shape, seed=1).save(given)  # the file changed under the run
+    with pytest.raises(SpdError, match="has changed since this run copied it"):
+        run(config(tiny_dir, subspace=str(given)), wd, log=lambda *a: None)
+    mismatched = Subspace.from_bases({(1, "k"): torch.eye(d)[:, :2]}, model="other", fingerprint="0" * 64)
+    mismatched.save(tmp_path / "other.safetensors")
+    with pytest.raises(SpdError, match="made for another model"):
+        run(config(tiny_dir, subspace=str(tmp_path / "other.safetensors")), tmp_path / "w2", log=lambda *a: None)
+
+
 def test_another_config_in_the_same_workdir_is_refused(tiny_dir, tmp_path):
     wd = tmp_path / "w"
     run(config(tiny_dir, method="base"), wd, log=lambda *a: None)
@@ -138,6 +173,9 @@ def test_another_config_in_the_same_workdir_is_refused(tiny_dir, tmp_path):
     (["--method", "spd", "--calib-task", "nosuch"], "unknown task 'nosuch'"),
     (["--method", "psr", "--calib-task", "gsm8k"], "--calib-task only applies to --method spd"),
     (["--eval-tasks", "gsm9k"], "unknown task 'gsm9k'"),
+    (["--method", "psr", "--subspace", __file__], "--subspace only applies to --method spd"),
+    (["--subspace", __file__, "--calib-task", "gsm8k"], "--subspace and --calib-task exclude each other"),
+    (["--subspace", "nosuch.safetensors"], "--subspace nosuch.safetensors does not exist"),
 ])
 def test_run_bad_input_is_one_line(tiny_dir, tmp_path, args, message):
     result = CliRunner().invoke(cli, ["run", "--model", str(tiny_dir), "--task", "arith", "--workdir",

@@ -37,14 +37,23 @@ def test_plan_covers_the_protocol(tmp_path):
     st = StudySettings(root=tmp_path, models=("m1", "m2"))
     runs = st.runs()
     keys = [(r.model, r.key) for r in runs]
-    assert len(keys) == len(set(keys)) == 2 * (3 * 4 + 3) + 2 * 3
+    assert len(keys) == len(set(keys)) == 2 * (3 * 4 + 3) + 2 * 3 + 2
     extras = [r for r in runs if r.completion_only]  # QA again, trained on the completions only
-    assert extras == [r for r in runs[15:18] + runs[-3:]]  # each model's last runs
+    assert extras == [r for r in runs[15:18] + runs[-4:-1]]  # each model's last runs but the control
     assert [(r.model, r.key) for r in extras[:3]] == [("m1", f"qa-completion/{m}") for m in ("spd", "psr", "ssd")]
     assert all(r.task == "mmlu" and "--completion-only" in st.command(r) for r in extras)
     assert not any("--completion-only" in st.command(r) for r in runs if not r.completion_only)
     assert extras[0].source_key() == "qa/spd" and extras[0].group == "qa-completion"
-    assert len(StudySettings(models=("m1",), completion_only_qa=False).runs()) == 15
+    assert len(StudySettings(models=("m1",), completion_only_qa=False, controls=False).runs()) == 15
+    control = runs[18]  # the random-subspace control, each model's last run
+    assert (control.model, control.key, control.task, control.method) == ("m1", "control/math-random", "gsm8k", "spd")
+    assert control.random_like == "math/spd" and runs[-1].key == "control/math-random"
+    cmd = st.command(control)
+    assert cmd[cmd.index("--subspace") + 1] == str(tmp_path / "m1" / "control" / "math-random" / "random.safetensors")
+    assert st.shown_command(control).startswith(
+        f"spd random-subspace {tmp_path}/m1/math/spd/subspace.safetensors --out "
+        f"{tmp_path}/m1/control/math-random/random.safetensors --seed 0 && spd run ")
+    assert not any("--subspace" in st.command(r) for r in runs if r.key != "control/math-random")
     assert not any(r.completion_only for r in StudySettings(models=("m1",), domains=("math",)).runs())
     m1 = [r for r in runs if r.model == "m1"]
     assert [r.key for r in m1[:4]] == ["code/base", "code/spd", "code/psr", "code/ssd"]  # base first
@@ -71,7 +80,7 @@ def _eval(path: Path, task: str, values, metric="accuracy"):
 
 
 def test_base_evals_are_reused(tmp_path):
-    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False, controls=False)
     base, spd = st.runs()[0], st.runs()[1]
     _eval(base.workdir(tmp_path) / "eval" / "base" / "gsm8k.json", "gsm8k", [1, 0])
     assert seed_base_evals(st, spd) == ["gsm8k"]
@@ -82,7 +91,7 @@ def test_base_evals_are_reused(tmp_path):
 
 
 def test_completion_only_runs_train_on_their_source_runs_subspace_and_corpus(tmp_path):
-    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False, controls=False)
     by_key = {r.key: r for r in st.runs()}
     run, source = by_key["qa-completion/spd"], by_key["qa/spd"].workdir(tmp_path)
     assert phases_left(st, run) == ["train", "eval spd mmlu", "eval spd bbh"]
@@ -99,7 +108,7 @@ def test_completion_only_runs_train_on_their_source_runs_subspace_and_corpus(tmp
 
 
 def test_completion_only_spd_is_compared_with_its_own_baselines(tmp_path):
-    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False, controls=False)
     by_key = {r.key: r for r in st.runs()}
     values = {"qa/base": [0, 0, 1, 0], "qa/spd": [0, 1, 1, 0], "qa-completion/spd": [1, 1, 1, 1],
               "qa-completion/psr": [1, 0, 1, 0], "qa/psr": [0, 0, 0, 0]}
@@ -117,7 +126,7 @@ def test_completion_only_spd_is_compared_with_its_own_baselines(tmp_path):
 
 
 def test_run_study_skips_complete_runs_and_stops_when_interrupted(tmp_path, monkeypatch):
-    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False, controls=False)
     runs = st.runs()
     runs[0].workdir(tmp_path).mkdir(parents=True)
     (runs[0].workdir(tmp_path) / "results.json").write_text("{}")
@@ -149,7 +158,7 @@ def test_stopping_the_study_stops_its_run(tmp_path, monkeypatch):
     on to the running `spd run` as Ctrl-C, so it cannot go on alone beside a restarted study."""
     import signal
 
-    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False, controls=False)
     signals = []
 
     class FakeRun:
@@ -181,7 +190,7 @@ def test_runs_with_evaluations_made_on_old_prompts_are_run_again(tmp_path, monke
     from spd.evaluate import load_eval_examples, stale_prompts
     from spd.tasks import get_task
 
-    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False, controls=False)
     base, spd = st.runs()[0], st.runs()[1]
     task = get_task("arith")
     examples = load_eval_examples(task, seed=st.seed)[:3]
@@ -227,7 +236,8 @@ def _manifest(workdir: Path, phases: dict):
 
 
 def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_path):
-    st = StudySettings(root=tmp_path, models=("m", "other"), domains=("math", "code"), ood=True, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m", "other"), domains=("math", "code"), ood=True, ablation=False,
+                       controls=False)
     runs = {(r.model, r.key): r for r in st.runs()}
     _manifest(runs["m", "math/base"].workdir(tmp_path), {"eval base gsm8k": 600.0, "eval base svamp": 300.0})
     (runs["m", "math/base"].workdir(tmp_path) / "results.json").write_text("{}")
@@ -270,7 +280,7 @@ def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_pat
 
 
 def test_a_models_first_runs_are_priced_from_another_model_once_one_of_its_phases_finished(tmp_path):
-    st = StudySettings(root=tmp_path, models=("m", "small"), domains=("math",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m", "small"), domains=("math",), ood=False, ablation=False, controls=False)
     runs = {(r.model, r.key): r for r in st.runs()}
     _manifest(runs["m", "math/base"].workdir(tmp_path), {"eval base gsm8k": 600.0, "eval base svamp": 300.0})
     _manifest(runs["m", "math/spd"].workdir(tmp_path), {"eval base gsm8k": None, "eval base svamp": None,
@@ -295,7 +305,7 @@ def test_a_models_first_runs_are_priced_from_another_model_once_one_of_its_phase
 
 def test_collect_and_render(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the document shows paths under the working directory relative
-    st = StudySettings(root=tmp_path, models=("m",), domains=("math", "code"), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math", "code"), ood=False, ablation=False, controls=False)
     by_key = {r.key: r for r in st.runs()}
     gold = [1, 0, 1, 0, 0, 1, 0, 0, 1, 0]
     better = [1, 1, 1, 1, 0, 1, 1, 0, 1, 1]
@@ -341,7 +351,7 @@ def test_collect_and_render(tmp_path, monkeypatch):
 
 
 def test_bbh_subtasks_get_their_own_table(tmp_path):
-    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("qa",), ood=False, ablation=False, controls=False)
     by_key = {r.key: r for r in st.runs()}
     for key, by in (("qa/base", {"navigate": 0.5, "web_of_lies": 0.14}), ("qa/spd", {"navigate": 0.56})):
         label = key.split("/")[1]
@@ -376,6 +386,54 @@ def test_calibrated_subspaces_are_compared_pair_by_pair(tmp_path):
     assert "Overlap of the calibrated" not in render(collect(StudySettings(root=tmp_path / "none", models=("m",))))
 
 
+def test_the_random_subspace_control_is_made_from_the_calibrated_one_and_reported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the document shows paths under the working directory relative
+    import torch
+    from spd.study import seed_random_subspace
+    from spd.subspace import Subspace
+
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    runs = {r.key: r for r in st.runs()}
+    control = runs["control/math-random"]
+    with pytest.raises(SpdError, match="needs the subspace of math/spd first"):
+        seed_random_subspace(st, control)
+    calibrated = Subspace.from_bases({(2, "k"): torch.eye(8)[:, :4], (2, "v"): torch.eye(8)[:, :2]},
+                                     model="m", fingerprint="f")
+    runs["math/spd"].workdir(tmp_path).mkdir(parents=True)
+    calibrated.save(runs["math/spd"].workdir(tmp_path) / "subspace.safetensors")
+    assert seed_random_subspace(st, control)
+    made = Subspace.load(control.workdir(tmp_path) / "random.safetensors")
+    assert made.sites == calibrated.sites and made.rank(2, "v") == 2 and made.metadata["fingerprint"] == "f"
+    assert made.content_hash() == Subspace.random_like(calibrated, seed=0).content_hash()
+    assert not seed_random_subspace(st, control)  # made once
+
+    class FakeRun:  # `spd run` itself is tested in test_pipeline
+        def __init__(self, argv, **kw):
+            calls.append(argv)
+
+        def wait(self, timeout=None):
+            return 0
+
+    calls, lines = [], []
+    monkeypatch.setattr("spd.study.subprocess.Popen", FakeRun)
+    (control.workdir(tmp_path) / "random.safetensors").unlink()
+    run_study(st, only=["control/"], log=lines.append)
+    assert (control.workdir(tmp_path) / "random.safetensors").is_file()  # made again before its run
+    assert "made a random subspace shaped like math/spd's" in lines[0]
+    assert calls[0][calls[0].index("--subspace") + 1] == str(control.workdir(tmp_path) / "random.safetensors")
+    for key, values in (("math/spd", [1, 0, 1, 1]), ("control/math-random", [1, 0, 0, 1]), ("math/psr", [0, 0, 1, 1])):
+        label = key.split("/")[1] if key != "control/math-random" else "spd"
+        _eval(runs[key].workdir(tmp_path) / "eval" / label / "gsm8k.json", "gsm8k", values)
+    made.save(control.workdir(tmp_path) / "subspace.safetensors")  # as `spd run --subspace` copies it
+    got = collect(st)
+    text = render(got)
+    assert "| SPD, random subspace of the same ranks | … | 50.0 [" in text and "| SPD, calibrated subspace | … | 75.0 [" in text
+    assert "control/math-random vs math/spd on gsm8k" in got["models"]["m"]["paired"]
+    assert "| math/spd vs control/math-random | calibrated vs random (the control) |" in text
+    assert ("spd random-subspace m/math/spd/subspace.safetensors --out m/control/math-random/random.safetensors "
+            "--seed 0 && spd run --model m --task gsm8k --method spd --workdir m/control/math-random ") in text
+
+
 def test_refresh_document_keeps_hand_written_text(tmp_path):
     doc = tmp_path / "RESULTS.md"
     refresh_document(doc, "table one")
@@ -397,7 +455,7 @@ def test_corpus_quality_scores_the_corpus_against_the_gold_answers(tmp_path, mon
 
     monkeypatch.setattr(spd.models, "load_tokenizer", lambda name: words)
 
-    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), n_train=6, ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), n_train=6, ood=False, ablation=False, controls=False)
     run = next(r for r in st.runs() if r.key == "math/psr")
     wd = run.workdir(tmp_path)
     wd.mkdir(parents=True)
@@ -452,7 +510,7 @@ def test_identical_completions_counts_same_prompt_same_text(tmp_path):
 def test_spd_corpus_compared_with_each_baseline_corpus_prompt_by_prompt(tmp_path, monkeypatch):
     import spd.study
 
-    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False)
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False, controls=False)
     ids = [f"q{i}" for i in range(8)]
     right = {"spd": [1, 1, 1, 1, 1, 1, 0, 0], "psr": [1, 0, 0, 0, 0, 1, 0, 1], "ssd": [0] * 8}
 

@@ -282,6 +282,8 @@ def eval_(task, data, out, model, adapter, predictions, n_eval, seed, batch_size
 @click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False),
               help="Folder for every artifact; re-running the same command resumes.")
 @click.option("--calib-task", default=None, help="Calibrate on another task (out-of-domain SPD).")
+@click.option("--subspace", "subspace_file", type=click.Path(dir_okay=False), default=None,
+              help="Use this subspace file instead of calibrating (spd), e.g. from `spd random-subspace`.")
 @click.option("--eval-tasks", default="", help="More tasks to evaluate, comma-separated (the source task and its transfer task always).")
 @click.option("--n-train", type=click.IntRange(1), default=None, help="Training prompts (seeded subset). [default: all]")
 @click.option("--n-calibration", type=click.IntRange(1), default=50, show_default=True)
@@ -303,13 +305,13 @@ def eval_(task, data, out, model, adapter, predictions, n_eval, seed, batch_size
 @click.option("--seed", type=int, default=42, show_default=True)
 @DEVICE_OPTION
 @DTYPE_OPTION
-def run_cmd(model, task, method, workdir, calib_task, eval_tasks, n_train, n_calibration, n_eval, layers, rank,
+def run_cmd(model, task, method, workdir, calib_task, subspace_file, eval_tasks, n_train, n_calibration, n_eval, layers, rank,
             project_kinds, loss, backend, max_new_tokens, eval_max_new_tokens, batch_size, epochs, lr, lora_r,
             lora_alpha, train_batch_size, completion_only, seed, device, dtype):
     """The whole protocol: base eval, calibrate, generate, train, eval; resumable."""
     from .pipeline import RunConfig, run
 
-    config = RunConfig(model=model, task=task, method=method, calib_task=calib_task,
+    config = RunConfig(model=model, task=task, method=method, calib_task=calib_task, subspace=subspace_file,
                        eval_tasks=[t.strip() for t in eval_tasks.split(",") if t.strip()], n_train=n_train,
                        n_calibration=n_calibration, n_eval=n_eval, layers=layers, rank=rank, project=project_kinds,
                        loss=loss, backend=backend, max_new_tokens=max_new_tokens,

@@ -3,7 +3,8 @@
     workdir/
       manifest.json          config, versions, per-phase status, hashes and wall times
       eval/base/<task>.json  base model on the source task, its transfer task, --eval-tasks
-      subspace.safetensors   (spd) phase 1, calibrated on --calib-task (default: the task)
+      subspace.safetensors   (spd) phase 1, calibrated on --calib-task (default: the task), or a
+                             copy of --subspace FILE (e.g. a random control)
       corpus.jsonl           phase 2 (+ corpus.jsonl.manifest.json), resumable
       train/                 phase 3: train/adapter (PEFT), train/train.json, checkpoints
       eval/<method>/<task>.json
@@ -36,6 +37,7 @@ class RunConfig:
     task: str
     method: str
     calib_task: str | None = None
+    subspace: str | None = None  # a subspace file to use instead of calibrating (spd)
     eval_tasks: list[str] = field(default_factory=list)
     n_train: int | None = None
     n_calibration: int = 50
@@ -69,6 +71,12 @@ class RunConfig:
                 get_task(name)
         if self.calib_task and self.method != "spd":
             raise SpdError("--calib-task only applies to --method spd")
+        if self.subspace and self.method != "spd":
+            raise SpdError("--subspace only applies to --method spd")
+        if self.subspace and self.calib_task:
+            raise SpdError("--subspace and --calib-task exclude each other: a given subspace is not calibrated")
+        if self.subspace and not Path(self.subspace).is_file():
+            raise SpdError(f"--subspace {self.subspace} does not exist")
 
     def eval_task_names(self) -> list[str]:
         from .tasks import get_task
@@ -223,7 +231,13 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
     if config.method == "spd":
         def calibrate_phase():
             from .calibrate import calibrate
+            from .subspace import Subspace
 
+            if config.subspace:  # given: checked against the model and copied, not calibrated
+                sub = Subspace.load(config.subspace)
+                sub.check_model(model)
+                sub.save(subspace_file)
+                return {"subspace_hash": sub.content_hash(), "given": str(config.subspace)}
             calib = get_task(config.calib_task or config.task)
             sub = calibrate(model, tok, calib.load(split="train"), task=calib, layers=config.layers,
                             rank=config.rank, project=config.project, loss=config.loss, svd=config.svd,
@@ -231,6 +245,12 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
             sub.save(subspace_file)
             return {"subspace_hash": sub.content_hash(), "n_examples": int(sub.metadata["n_examples"])}
 
+        if config.subspace and subspace_file.is_file():
+            from .subspace import Subspace
+
+            if Subspace.load(subspace_file).content_hash() != Subspace.load(config.subspace).content_hash():
+                raise SpdError(f"--subspace {config.subspace} has changed since this run copied it to "
+                               f"{subspace_file}: use another --workdir")
         wd.phase("calibrate", subspace_file.is_file(), calibrate_phase, log)
 
     corpus = path / "corpus.jsonl"

@@ -55,6 +55,9 @@ class StudyRun:
     calib_task: str | None = None
     loss: str = "aligned"
     completion_only: bool = False  # training loss on the completions only (not the paper's recipe)
+    random_like: str | None = None  # a control: SPD with a random subspace shaped like this run's
+
+    RANDOM_SEED = 0  # of the control's random subspace
 
     @property
     def domain(self) -> str:
@@ -91,6 +94,7 @@ class StudySettings:
     ood: bool = True
     ablation: bool = True
     completion_only_qa: bool = True  # QA again with the loss on the completions only (per model, last)
+    controls: bool = True  # SPD on math with a random subspace of the calibrated one's shape (per model, last)
     extra: list[str] = field(default_factory=list)  # more `spd run` options, e.g. ["--dtype", "float32"]
 
     def runs(self) -> list[StudyRun]:
@@ -111,6 +115,8 @@ class StudySettings:
             if self.completion_only_qa and "qa" in self.domains:
                 out += [StudyRun(model, f"qa-completion/{m}", DOMAINS["qa"][0], m, completion_only=True)
                         for m in METHODS if m != "base"]
+            if self.controls and "math" in self.domains:
+                out.append(StudyRun(model, "control/math-random", "gsm8k", "spd", random_like="math/spd"))
         return out
 
     def command(self, run: StudyRun) -> list[str]:
@@ -126,7 +132,38 @@ class StudySettings:
             cmd += ["--loss", run.loss]
         if run.completion_only:
             cmd += ["--completion-only"]
+        if run.random_like:
+            cmd += ["--subspace", str(random_subspace_path(self, run))]
         return cmd + list(self.extra)
+
+    def shown_command(self, run: StudyRun) -> str:
+        """The run's command for the document (a control's with the step that makes its subspace)."""
+        cmd = " ".join(_shown(a) for a in self.command(run))
+        if not run.random_like:
+            return cmd
+        like = self.root / run.model / run.random_like / "subspace.safetensors"
+        return (f"spd random-subspace {_shown(like)} --out {_shown(random_subspace_path(self, run))} "
+                f"--seed {StudyRun.RANDOM_SEED} && {cmd}")
+
+
+def random_subspace_path(settings: StudySettings, run: StudyRun) -> Path:
+    return run.workdir(settings.root) / "random.safetensors"
+
+
+def seed_random_subspace(settings: StudySettings, run: StudyRun) -> bool:
+    """Write a control run's random subspace (shaped like its ``random_like`` run's calibrated
+    one) unless it exists. Returns whether it was written; SpdError if there is no subspace to
+    shape it like yet."""
+    from .subspace import Subspace
+
+    out = random_subspace_path(settings, run)
+    if not run.random_like or out.is_file():
+        return False
+    like = settings.root / run.model / run.random_like / "subspace.safetensors"
+    if not like.is_file():
+        raise SpdError(f"{run.model}/{run.key} needs the subspace of {run.random_like} first ({like})")
+    Subspace.random_like(Subspace.load(like), seed=StudyRun.RANDOM_SEED).save(out)
+    return True
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -343,8 +380,15 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
         wd.mkdir(parents=True, exist_ok=True)
         copied = seed_base_evals(settings, run)
         reused = seed_source_artifacts(settings, run)
+        try:
+            made = seed_random_subspace(settings, run)
+        except SpdError as exc:
+            log(f"{label}: skipped: {exc}")
+            statuses.append({"run": f"{run.model}/{run.key}", "status": "failed", "error": str(exc)})
+            continue
         log(f"{label}: running (log: {wd / 'log.txt'})" + (f"; base evals reused: {', '.join(copied)}" if copied else "")
-            + (f"; from {run.source_key()}: {', '.join(reused)}" if reused else ""))
+            + (f"; from {run.source_key()}: {', '.join(reused)}" if reused else "")
+            + (f"; made a random subspace shaped like {run.random_like}'s" if made else ""))
         started = time.perf_counter()
         with open(wd / "log.txt", "a") as fh:
             fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -502,7 +546,7 @@ def collect(settings: StudySettings) -> dict:
             wd = run.workdir(settings.root)
             label = "base" if run.method == "base" else run.method
             entry = {"key": run.key, "method": run.method, "complete": is_complete(wd), "scores": {},
-                     "command": " ".join(_shown(a) for a in settings.command(run))}
+                     "command": settings.shown_command(run)}
             tasks = DOMAINS[run.domain]
             for task in tasks:
                 res = load_eval(wd, label, task)
@@ -540,7 +584,8 @@ def collect(settings: StudySettings) -> dict:
             if run.method != "spd":
                 continue
             mine = (m["runs"][run.key].get("corpus") or {}).get("per_example")
-            for other in ("psr", "ssd"):  # the training data itself (Table 3), prompt by prompt
+            others = ("psr", "ssd") + (("spd",) if run.key != f"{run.domain}/spd" else ())
+            for other in others:  # the training data itself (Table 3), prompt by prompt
                 theirs = (m["runs"].get(f"{run.domain}/{other}", {}).get("corpus") or {}).get("per_example")
                 if mine and theirs:
                     task = m["runs"][run.key]["corpus"]["task"]
@@ -570,6 +615,7 @@ OVERLAP_PAIRS = (  # (run, run, what differs between their calibrations)
     ("code/spd", "qa/spd", "domain (MBPP vs MMLU)"),
     ("math/spd", "ablation/math-full", "loss (aligned vs full)"),
     ("qa/spd", "ood/math-qa", "nothing (a rerun)"),
+    ("math/spd", "control/math-random", "calibrated vs random (the control)"),
 )
 
 
@@ -649,6 +695,20 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                       f"| full (ours) | {_cell(ab, 'gsm8k')} | {_cell(ab, 'svamp')} |",
                       f"| aligned (paper) | {PAPER['spd']['gsm8k']:g} | {PAPER['spd']['svamp']:g} |",
                       f"| full (paper) | {PAPER_ABLATION['gsm8k']:g} | {PAPER_ABLATION['svamp']:g} |", ""]
+        if "control/math-random" in runs:
+            rows = (("SPD, calibrated subspace", "math/spd"), ("SPD, random subspace of the same ranks", "control/math-random"),
+                    ("PSR (no projection)", "math/psr"))
+            lines += [("Random-subspace control on math (not in the paper): SPD's pipeline with the calibrated "
+                       "subspace replaced by random orthonormal bases of the same layers and ranks "
+                       "(`spd random-subspace`), generated, trained and evaluated alike; corpus: accuracy of "
+                       "the generated training data on the training prompts:"), "",
+                      "| generation | corpus | gsm8k | svamp |", "|---|---|---|---|"]
+            for name, key in rows:
+                sc, q = runs.get(key, {}).get("scores", {}), runs.get(key, {}).get("corpus") or {}
+                a = q.get("accuracy")
+                corpus = f"{100 * a['mean']:.1f} [{100 * a['lo']:.1f}, {100 * a['hi']:.1f}]" if a else "…"
+                lines.append(f"| {name} | {corpus} | {_cell(sc, 'gsm8k')} | {_cell(sc, 'svamp')} |")
+            lines.append("")
         if any(k.startswith("qa-completion/") for k in runs):
             lines += [("QA with the training loss on the completions only (`--completion-only`; not the paper's "
                        "recipe, which trains on the whole conversation): the same subspaces and corpora as the QA "
