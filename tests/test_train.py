@@ -253,20 +253,25 @@ class Signal(TrainerCallback):
                 time.sleep(0.2)  # the handler runs at the next bytecode
 
 
+@pytest.fixture
+def spd_command_signals():
+    """The handlers the `spd` command runs with (take_ctrl_c), restored afterwards: pytest-xdist
+    workers start with SIGINT ignored."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    take_ctrl_c()
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_checkpoints_the_current_step_then_stops(tiny_dir, tok, corpus, tmp_path, sig):
+def test_ctrl_c_checkpoints_the_current_step_then_stops(tiny_dir, tok, corpus, tmp_path, sig, spd_command_signals):
     """The first Ctrl-C (or SIGTERM under the `spd` command) lets the running step finish and
     checkpoints it, so nothing is lost; the resumed run equals an uninterrupted one."""
     opts = dict(FAST, save_steps=100, save_minutes=None)  # no checkpoint but the stop's own
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        take_ctrl_c()
-        with pytest.raises(KeyboardInterrupt, match="stopped after step 5"):
-            train(fresh(tiny_dir), tok, corpus, tmp_path / "cut", callbacks=[Signal(5, sig)], **opts)
-        handlers = {s: signal.getsignal(s) for s in saved}
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+    with pytest.raises(KeyboardInterrupt, match="stopped after step 5"):
+        train(fresh(tiny_dir), tok, corpus, tmp_path / "cut", callbacks=[Signal(5, sig)], **opts)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     assert handlers == {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _signals._terminated}
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["checkpoint-5"]
     assert not json.loads((tmp_path / "cut" / "train.json").read_text())["finished"]
@@ -279,7 +284,7 @@ def test_ctrl_c_checkpoints_the_current_step_then_stops(tiny_dir, tok, corpus, t
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
 
 
-def test_second_ctrl_c_stops_at_once(tiny_dir, tok, corpus, tmp_path):
+def test_second_ctrl_c_stops_at_once(tiny_dir, tok, corpus, tmp_path, spd_command_signals):
     opts = dict(FAST, save_steps=100, save_minutes=None)
     model = fresh(tiny_dir)
     with pytest.raises(KeyboardInterrupt) as stopped:
