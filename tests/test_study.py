@@ -259,6 +259,14 @@ def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_pat
     assert phases_left(st, runs["m", "math/psr"]) == ["generate", "train", "eval psr gsm8k", "eval psr svamp"]
     assert phases_left(st, runs["m", "code/base"]) == ["eval base mbpp", "eval base codealpaca"]
     assert phases_left(st, runs["m", "ood/math-qa"])[0] == "calibrate"
+    # artifacts put in place before the run (as the study does for a control's corpus) count as done
+    ood = runs["m", "ood/code-qa"].workdir(tmp_path)
+    ood.mkdir(parents=True)
+    (ood / "corpus.jsonl").write_text('{"id": "1", "prompt": "p", "completion": "c"}\n')
+    assert phases_left(st, runs["m", "ood/code-qa"])[:2] == ["calibrate", "generate"]  # unfinished corpus
+    (ood / "corpus.jsonl.manifest.json").write_text(json.dumps({"finished": True}))
+    (ood / "subspace.safetensors").write_bytes(b"")
+    assert phases_left(st, runs["m", "ood/code-qa"]) == ["train", "eval spd mbpp", "eval spd codealpaca"]
     # train: no math train finished, so the code one (same model and kind); evals: the base's of the same task
     assert estimate_left(st, spd) == (1800.0 + 600.0 + 300.0, [], [])
     assert estimate_left(st, runs["m", "math/psr"]) == (1200.0 + 1800.0 + 600.0 + 300.0, [], [])

@@ -246,14 +246,20 @@ def _phase_kind(name: str, run: StudyRun) -> tuple[str, str]:
 
 
 def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
-    """The phases of ``run`` that are not complete yet (names as in its manifest). The base model's
+    """The phases of ``run`` that are not complete yet (names as in its manifest, or, as ``spd run``
+    skips them, with their artifact in place: a subspace file, a finished corpus). The base model's
     evaluations of a method run are left out: they are copied from the domain's base run."""
+    from .generate import corpus_finished
+
     label = run.method
     names = ([] if run.method == "base" else ["calibrate"] * (run.method == "spd") + ["generate", "train"])
     if run.completion_only:
         names = [n for n in names if n == "train"]  # calibration and corpus come from the source run
     names += [f"eval {label} {task}" for task in DOMAINS[run.domain]]
-    done = {k for k, v in read_phases(run.workdir(settings.root)).items() if v.get("status") == "complete"}
+    wd = run.workdir(settings.root)
+    done = {k for k, v in read_phases(wd).items() if v.get("status") == "complete"}
+    done |= {"calibrate"} if (wd / "subspace.safetensors").is_file() else set()
+    done |= {"generate"} if corpus_finished(wd / "corpus.jsonl") else set()
     return [n for n in names if n not in done]
 
 
