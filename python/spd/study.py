@@ -141,9 +141,14 @@ class StudySettings:
         cmd = " ".join(_shown(a) for a in self.command(run))
         if not run.random_like:
             return cmd
-        like = self.root / run.model / run.random_like / "subspace.safetensors"
+        like = subspace_path(self, run.model, run.random_like)
         return (f"spd random-subspace {_shown(like)} --out {_shown(random_subspace_path(self, run))} "
                 f"--seed {StudyRun.RANDOM_SEED} && {cmd}")
+
+
+def subspace_path(settings: StudySettings, model: str, key: str) -> Path:
+    """The subspace file of the run ``key`` of ``model`` (calibrated, or copied from --subspace)."""
+    return settings.root / model / key / "subspace.safetensors"
 
 
 def random_subspace_path(settings: StudySettings, run: StudyRun) -> Path:
@@ -159,7 +164,7 @@ def seed_random_subspace(settings: StudySettings, run: StudyRun) -> bool:
     out = random_subspace_path(settings, run)
     if not run.random_like or out.is_file():
         return False
-    like = settings.root / run.model / run.random_like / "subspace.safetensors"
+    like = subspace_path(settings, run.model, run.random_like)
     if not like.is_file():
         raise SpdError(f"{run.model}/{run.key} needs the subspace of {run.random_like} first ({like})")
     Subspace.random_like(Subspace.load(like), seed=StudyRun.RANDOM_SEED).save(out)
@@ -258,7 +263,7 @@ def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
     names += [f"eval {label} {task}" for task in DOMAINS[run.domain]]
     wd = run.workdir(settings.root)
     done = {k for k, v in read_phases(wd).items() if v.get("status") == "complete"}
-    done |= {"calibrate"} if (wd / "subspace.safetensors").is_file() else set()
+    done |= {"calibrate"} if subspace_path(settings, run.model, run.key).is_file() else set()
     done |= {"generate"} if corpus_finished(wd / "corpus.jsonl") else set()
     return [n for n in names if n not in done]
 
@@ -333,12 +338,14 @@ def estimate_left(settings: StudySettings, run: StudyRun, times: dict | None = N
         if own is not None:
             seconds += own
             continue
-        other = next(((m, r) for m, r in ratios.items() if r is not None and median(m, kind, task) is not None), None)
-        if other is None:
-            unknown.append(name)
+        for model, ratio in ratios.items():
+            theirs = median(model, kind, task) if ratio is not None else None
+            if theirs is not None:
+                seconds += theirs * ratio
+                scaled.append(name)
+                break
         else:
-            seconds += median(other[0], kind, task) * other[1]
-            scaled.append(name)
+            unknown.append(name)
     return seconds, unknown, scaled
 
 
@@ -632,7 +639,7 @@ def subspace_overlaps(settings: StudySettings, model: str) -> list[dict]:
 
     out, loaded = [], {}
     for a, b, differs in OVERLAP_PAIRS:
-        files = [settings.root / model / key / "subspace.safetensors" for key in (a, b)]
+        files = [subspace_path(settings, model, key) for key in (a, b)]
         if not all(f.is_file() for f in files):
             continue
         subs = [loaded.setdefault(f, Subspace.load(f)) for f in files]
