@@ -12,6 +12,11 @@ command again.
 
 Before each refresh, finished exact-match evaluations are re-scored from their stored completions
 (``spd rescore``), so a fix to answer extraction reaches every run without rerunning a model.
+
+Finished runs are also kept in bench/results/study/ (tracked in git; spd.study_archive): their
+manifests, scores, per-example evaluations, corpora and subspaces, without adapters and with each
+prompt replaced by its hash. On a new machine the study and --report put them back into --root, so
+commit that folder as runs finish and nothing finished is lost with the machine.
 """
 from __future__ import annotations
 
@@ -38,28 +43,38 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--only", multiple=True, help="Only the runs whose '<model>/<key>' contains this (repeatable).")
 @click.option("--dry-run", is_flag=True, help="List the runs, the phases each has left and an estimate of the time; run nothing.")
 @click.option("--report", "report_only", is_flag=True, help="Only refresh the document from finished runs.")
+@click.option("--archive", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "bench" / "results" / "study",
+              show_default=True, help="Where finished runs are kept for git, without weights or prompts; "
+              "runs found there are put back into --root.")
+@click.option("--no-archive", is_flag=True, help="Neither keep finished runs in --archive nor restore from it.")
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",
               show_default=True)
-def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa, controls, only, dry_run, report_only, doc):
+def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa, controls, only, dry_run, report_only,
+         archive, no_archive, doc):
     from spd._signals import take_ctrl_c
     from spd.errors import SpdError
     from spd.pipeline import rescore_tree
     from spd.study import (
         StudySettings,
+        archive_finished,
         collect,
         plot_scores,
         refresh_document,
         render,
+        restore_archived,
         run_study,
     )
 
     settings = StudySettings(root=root, models=tuple(m for m in models.split(",") if m),
                              domains=tuple(d for d in domains.split(",") if d), n_train=n_train, epochs=epochs,
-                             batch_size=batch_size, completion_only_qa=completion_only_qa, controls=controls)
+                             batch_size=batch_size, completion_only_qa=completion_only_qa, controls=controls,
+                             archive=None if no_archive else archive)
 
     def report():
+        restore_archived(settings, log=click.echo)  # a new machine: the finished runs come from git
         if settings.root.is_dir():  # finished evaluations follow the current answer extraction
             rescore_tree(settings.root, log=click.echo)
+        archive_finished(settings, log=click.echo)
         collected = collect(settings)
         png = plot_scores(collected, doc.with_name("results.png"))
         try:
@@ -76,7 +91,9 @@ def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa,
 
         args = [sys.executable, __file__, "--report", "--root", str(root), "--models", models, "--domains",
                 domains, "--n-train", str(n_train), "--epochs", str(epochs), "--batch-size", str(batch_size),
-                "--doc", str(doc), "--completion-only-qa" if completion_only_qa else "--no-completion-only-qa"]
+                "--doc", str(doc), "--completion-only-qa" if completion_only_qa else "--no-completion-only-qa",
+                "--controls" if controls else "--no-controls", "--archive", str(archive)]
+        args += ["--no-archive"] if no_archive else []
         if subprocess.run(args, check=False).returncode != 0:
             click.echo("[study] the report failed (see above); the runs go on")
 

@@ -59,3 +59,13 @@ def file_sha256(path: str | Path) -> str:
         while chunk := fh.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_if_changed(path: str | Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically unless it already holds these bytes. Returns whether it wrote."""
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    with atomic_file(path, "wb") as fh:
+        fh.write(data)
+    return True

@@ -113,17 +113,29 @@ def load_eval_examples(task, data=None, *, n: int | None = None, seed: int = 0) 
     return examples
 
 
+def prompt_sha256(prompt: str) -> str:
+    """What a record keeps of its prompt where the text must not be kept (the study's archive)."""
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
 def stale_prompts(path, task, examples) -> int:
     """How many records of the saved evaluation ``path`` were made with another prompt than ``task``
-    now gives their example (the prompt changed since). Records without a stored prompt (NLL) and
+    now gives their example (the prompt changed since). A record holds its prompt, or the prompt's
+    sha256 (``prompt_sha256``, as the study's archive keeps it); records with neither (NLL) and
     ids not in ``examples`` are not counted; an unreadable file counts 0."""
     try:
         records = json.loads(Path(path).read_text()).get("records", [])
     except (OSError, ValueError, AttributeError):
         return 0
     by_id = {ex.id: ex for ex in examples}
-    return sum(1 for rec in records if isinstance(rec, dict) and "prompt" in rec and rec.get("id") in by_id
-               and rec["prompt"] != task.prompt(by_id[rec["id"]]))
+
+    def changed(rec, prompt):
+        if "prompt" in rec:
+            return rec["prompt"] != prompt
+        return "prompt_sha256" in rec and rec["prompt_sha256"] != prompt_sha256(prompt)
+
+    return sum(1 for rec in records if isinstance(rec, dict) and rec.get("id") in by_id
+               and changed(rec, task.prompt(by_id[rec["id"]])))
 
 
 def stale_path(path) -> Path:

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ._io import atomic_file
+from ._io import atomic_file, write_if_changed
 from .errors import SpdError
 
 DOMAINS = {"code": ("mbpp", "codealpaca"), "math": ("gsm8k", "svamp"), "qa": ("mmlu", "bbh")}
@@ -96,6 +96,7 @@ class StudySettings:
     completion_only_qa: bool = True  # QA again with the loss on the completions only (per model, last)
     controls: bool = True  # SPD on math with a random subspace of the calibrated one's shape (per model, last)
     extra: list[str] = field(default_factory=list)  # more `spd run` options, e.g. ["--dtype", "float32"]
+    archive: Path | None = None  # where finished runs are kept without weights (spd.study_archive), e.g. in git
 
     def runs(self) -> list[StudyRun]:
         """Every run, in the order they are done (per model: each domain's four methods, the
@@ -176,6 +177,42 @@ def is_complete(workdir: Path) -> bool:
     return (Path(workdir) / "results.json").is_file()
 
 
+def archive_dir(settings: StudySettings, run: StudyRun) -> Path | None:
+    return settings.archive / run.model / run.key if settings.archive else None
+
+
+def archive_finished(settings: StudySettings, log=print) -> int:
+    """Copy every complete run into the archive (only files that changed). Returns the files written."""
+    from .study_archive import archive_run
+
+    if not settings.archive:
+        return 0
+    n = 0
+    for run in settings.runs():
+        wd = run.workdir(settings.root)
+        if is_complete(wd):
+            written = archive_run(wd, archive_dir(settings, run), labels=[run.method])
+            if written:
+                log(f"[study] archived {run.model}/{run.key}: {', '.join(written)}")
+            n += len(written)
+    return n
+
+
+def restore_archived(settings: StudySettings, log=print) -> int:
+    """Put every archived run back into its run folder where that run is not complete (a new
+    machine, a deleted folder). Returns the runs restored."""
+    from .study_archive import is_archived, restore_run
+
+    n = 0
+    for run in settings.runs():
+        dest, wd = archive_dir(settings, run), run.workdir(settings.root)
+        if dest is not None and is_archived(dest) and not is_complete(wd):
+            written = restore_run(dest, wd)
+            log(f"[study] restored {run.model}/{run.key} from {dest} ({len(written)} files; no adapter)")
+            n += 1
+    return n
+
+
 def stale_evals(settings: StudySettings, workdir: Path, examples: dict | None = None) -> list[str]:
     """The evaluation phases of a run made with prompts that have changed since (``spd run`` makes
     them again). ``examples``: a ``{task name: examples}`` cache shared between calls."""
@@ -214,13 +251,7 @@ def _copy(src: Path, dst: Path, *, replace_different: bool = False) -> bool:
     it holds the same bytes). Returns whether it copied."""
     if dst.is_file() and not replace_different:
         return False
-    data = src.read_bytes()
-    if dst.is_file() and dst.read_bytes() == data:
-        return False
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(dst, "wb") as fh:
-        fh.write(data)
-    return True
+    return write_if_changed(dst, src.read_bytes())
 
 
 def seed_source_artifacts(settings: StudySettings, run: StudyRun) -> list[str]:
@@ -362,6 +393,8 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
     runs = [r for r in settings.runs() if not only or any(s in f"{r.model}/{r.key}" for s in only)]
     if not runs:
         raise SpdError(f"--only {','.join(only or [])} matches none of the study's runs")
+    if not dry_run:
+        restore_archived(settings, log=log)
     times = phase_times(settings) if dry_run else {}
     examples: dict = {}
     for i, run in enumerate(runs, 1):
@@ -369,6 +402,13 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
         cmd = settings.command(run)
         label = f"[study {i}/{len(runs)}] {run.model} {run.key}"
         complete = is_complete(wd)
+        if dry_run and not complete and settings.archive:
+            from .study_archive import is_archived
+
+            if is_archived(archive_dir(settings, run)):
+                log(f"{label}: complete (archived; put back into {wd} when the study runs)")
+                statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
+                continue
         stale = stale_evals(settings, wd, examples) if complete else []
         if stale:
             log(f"{label}: made with prompts that have changed since: {', '.join(stale)}")
@@ -426,6 +466,10 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             continue
         log(f"{label}: done in {minutes:.1f} min")
         statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
+        if settings.archive:
+            from .study_archive import archive_run
+
+            archive_run(wd, archive_dir(settings, run), labels=[run.method])
         if after_each is not None:
             after_each()
     todo = [s for s in statuses if s["status"] == "todo"]

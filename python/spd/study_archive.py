@@ -1,0 +1,115 @@
+"""The study's finished runs, kept in git: what its report needs of each run folder, without model
+weights or benchmark text, and put back into a run folder that has lost it (a new machine).
+
+An archived run is ``<archive>/<model>/<key>/`` with the run's small files (:data:`KEPT`), its
+corpus and its own evaluations, every prompt (text made from a benchmark's examples) replaced by
+its sha256 (``prompt_sha256``). Restoring copies them back, the corpus's prompts made again from
+its task's examples and checked line by line, so a restored corpus can be trained on. Adapters and
+checkpoints (tens of MB per run) are not kept: a restored run is complete as a record, and one
+that had to be evaluated again would be trained again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ._io import atomic_file, write_if_changed
+from .errors import SpdError
+from .evaluate import prompt_sha256
+
+KEPT = ("manifest.json", "results.json", "train/train.json", "subspace.safetensors", "random.safetensors",
+        "corpus_quality.json", "corpus.jsonl.manifest.json")
+CORPUS = "corpus.jsonl"
+
+
+def is_archived(dest: Path) -> bool:
+    """Whether ``dest`` holds a finished run (its results.json)."""
+    return (Path(dest) / "results.json").is_file()
+
+
+def archive_run(workdir: Path, dest: Path, labels: list[str]) -> list[str]:
+    """Copy a finished run's files from ``workdir`` into ``dest`` (its corpus and the evaluations
+    of ``labels`` without their prompts). Writes only what changed; returns the paths written,
+    relative to ``dest``."""
+    workdir, dest = Path(workdir), Path(dest)
+    files = {name: (workdir / name).read_bytes() for name in KEPT if (workdir / name).is_file()}
+    if (workdir / CORPUS).is_file():
+        files[CORPUS] = _without_prompts_jsonl((workdir / CORPUS).read_bytes())
+    for label in labels:
+        for path in sorted((workdir / "eval" / label).glob("*.json")):
+            files[path.relative_to(workdir).as_posix()] = _without_prompts_eval(path.read_bytes())
+    return [name for name, data in files.items() if write_if_changed(dest / name, data)]
+
+
+def restore_run(dest: Path, workdir: Path) -> list[str]:
+    """Copy an archived run back into ``workdir``, never over a file that is there. The corpus gets
+    its prompts back from its manifest's task, seed and size (SpdError if they differ from the
+    archived ones, e.g. the benchmark data changed). Returns the paths written."""
+    dest, workdir = Path(dest), Path(workdir)
+    written = []
+    for path in sorted(p for p in dest.rglob("*") if p.is_file()):
+        name = path.relative_to(dest).as_posix()
+        target = workdir / name
+        if target.exists():
+            continue
+        data = path.read_bytes()
+        if name == CORPUS:
+            data = _with_prompts_jsonl(data, _corpus_prompts(dest / "corpus.jsonl.manifest.json"), path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(target, "wb") as fh:
+            fh.write(data)
+        written.append(name)
+    if CORPUS in written and "corpus.jsonl.manifest.json" in written:  # the manifest last: it says "finished"
+        written.append(written.pop(written.index("corpus.jsonl.manifest.json")))
+    return written
+
+
+def _corpus_prompts(manifest: Path) -> dict[str, str]:
+    """``{id: prompt}`` of the training examples a corpus was generated from (its manifest's config)."""
+    from .tasks import get_task
+
+    try:
+        cfg = json.loads(manifest.read_text())["config"]
+        task = get_task(cfg["task"])
+        examples = task.load(split="train", n=int(cfg["n_prompts"]), seed=int(cfg["seed"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SpdError(f"{manifest}: cannot tell the corpus's prompts ({exc})") from None
+    prompts = {ex.id: task.prompt(ex) for ex in examples}
+    digest = hashlib.sha256(json.dumps(sorted(prompts.items())).encode()).hexdigest()
+    if digest != cfg.get("prompts_hash"):
+        raise SpdError(f"{manifest}: the {task.name} training prompts differ from the ones the corpus was made from")
+    return prompts
+
+
+def _without_prompts_jsonl(data: bytes) -> bytes:
+    lines = []
+    for line in data.decode().splitlines():
+        if line.strip():
+            lines.append(json.dumps(_hide_prompt(json.loads(line)), ensure_ascii=False) + "\n")
+    return "".join(lines).encode()
+
+
+def _with_prompts_jsonl(data: bytes, prompts: dict[str, str], where: Path) -> bytes:
+    """The archived corpus with each prompt back in its place (after ``id``, as ``generate`` writes it)."""
+    lines = []
+    for n, line in enumerate(data.decode().splitlines(), 1):
+        rec = json.loads(line)
+        prompt = prompts.get(str(rec.get("id")))
+        if prompt is None or prompt_sha256(prompt) != rec.get("prompt_sha256"):
+            raise SpdError(f"{where} line {n}: its prompt is not among the corpus's training prompts")
+        rec = {"id": rec["id"], "prompt": prompt, **{k: v for k, v in rec.items() if k not in ("id", "prompt_sha256")}}
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    return "".join(lines).encode()
+
+
+def _without_prompts_eval(data: bytes) -> bytes:
+    doc = json.loads(data)
+    doc["records"] = [_hide_prompt(r) if isinstance(r, dict) else r for r in doc.get("records", [])]
+    return (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def _hide_prompt(rec: dict) -> dict:
+    """``rec`` with its ``prompt`` replaced by ``prompt_sha256`` in the same place."""
+    return {("prompt_sha256" if k == "prompt" else k): (prompt_sha256(v) if k == "prompt" else v)
+            for k, v in rec.items()}

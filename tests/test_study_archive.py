@@ -1,0 +1,173 @@
+"""The study's archive of finished runs (spd.study_archive): kept without weights or prompt text,
+put back byte for byte where a run folder lost them, and used by the study on a new machine."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from spd.errors import SpdError
+from spd.evaluate import prompt_sha256, stale_prompts
+from spd.generate import Decoding, generate_corpus
+from spd.study import (
+    StudySettings,
+    archive_finished,
+    collect,
+    restore_archived,
+    run_study,
+)
+from spd.study_archive import archive_run, is_archived, restore_run
+from spd.tasks import get_task
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from .conftest import save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory, default_model):
+    """A finished run folder: a real corpus of arith training prompts, an evaluation with prompts,
+    the small files and an adapter."""
+    tiny_dir = save_tiny_llama(tmp_path_factory.mktemp("tiny-archive"), default_model[1], num_hidden_layers=2)
+    model = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    model.spd_name = "tiny"
+    task = get_task("arith")
+    wd = tmp_path_factory.mktemp("run")
+    examples = task.load(split="train", n=6, seed=42)
+    generate_corpus(model, AutoTokenizer.from_pretrained(tiny_dir), task, examples, wd / "corpus.jsonl",
+                    decoding=Decoding.make("greedy"), max_new_tokens=6, batch_size=3, seed=42, progress=False)
+    records = [{"id": ex.id, "prompt": task.prompt(ex), "completion": "7", "correct": k % 2 == 0}
+               for k, ex in enumerate(examples)]
+    (wd / "eval" / "spd").mkdir(parents=True)
+    (wd / "eval" / "spd" / "arith.json").write_text(json.dumps(
+        {"task": "arith", "metric": "accuracy", "score": 0.5, "n": 6, "records": records}))
+    (wd / "eval" / "base").mkdir()
+    (wd / "eval" / "base" / "arith.json").write_text(json.dumps({"task": "arith", "records": []}))
+    (wd / "subspace.safetensors").write_bytes(bytes(range(256)))
+    (wd / "train" / "adapter").mkdir(parents=True)
+    (wd / "train" / "adapter" / "adapter_model.safetensors").write_bytes(b"weights" * 1000)
+    (wd / "train" / "train.json").write_text('{"train_loss": 1.5}')
+    for name in ("manifest.json", "results.json"):
+        (wd / name).write_text(json.dumps({"name": name}))
+    return wd, task, examples
+
+
+def test_archive_keeps_no_weights_and_no_prompt_text(corpus_run, tmp_path):
+    wd, task, examples = corpus_run
+    written = archive_run(wd, tmp_path / "a", labels=["spd"])
+    assert sorted(written) == ["corpus.jsonl", "corpus.jsonl.manifest.json", "eval/spd/arith.json", "manifest.json",
+                               "results.json", "subspace.safetensors", "train/train.json"]
+    kept = b"".join(p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert all(task.prompt(ex).encode() not in kept for ex in examples)
+    assert b"weights" not in kept and is_archived(tmp_path / "a")
+    rec = json.loads((tmp_path / "a" / "eval" / "spd" / "arith.json").read_text())["records"][0]
+    assert list(rec) == ["id", "prompt_sha256", "completion", "correct"]
+    assert rec["prompt_sha256"] == prompt_sha256(task.prompt(examples[0]))
+    assert archive_run(wd, tmp_path / "a", labels=["spd"]) == []  # nothing changed, nothing written
+
+
+def test_restore_gives_back_the_same_files_and_never_overwrites(corpus_run, tmp_path):
+    wd, task, examples = corpus_run
+    archive_run(wd, tmp_path / "a", labels=["spd"])
+    out = tmp_path / "restored"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "train.json").write_text("mine")
+    written = restore_run(tmp_path / "a", out)
+    assert "train/train.json" not in written and (out / "train" / "train.json").read_text() == "mine"
+    assert written[-1] == "corpus.jsonl.manifest.json"  # after the corpus: it is what says "finished"
+    for name in ("corpus.jsonl", "corpus.jsonl.manifest.json", "subspace.safetensors", "manifest.json"):
+        assert (out / name).read_bytes() == (wd / name).read_bytes(), name
+    saved = out / "eval" / "spd" / "arith.json"
+    assert json.loads(saved.read_text())["records"][1]["correct"] is False
+    # an evaluation kept with prompt hashes still tells when the task's prompts change
+    assert stale_prompts(saved, task, examples) == 0
+
+    class Reworded:
+        def prompt(self, ex):
+            return "Another prompt: " + task.prompt(ex)
+
+    assert stale_prompts(saved, Reworded(), examples) == 6
+    assert restore_run(tmp_path / "a", out) == []
+
+
+def test_a_corpus_whose_prompts_cannot_be_made_again_is_refused(corpus_run, tmp_path):
+    wd, _, _ = corpus_run
+    archive_run(wd, tmp_path / "a", labels=["spd"])
+    corpus = tmp_path / "a" / "corpus.jsonl"
+    lines = corpus.read_text().splitlines()
+    rec = json.loads(lines[2])
+    rec["prompt_sha256"] = prompt_sha256("something else")
+    corpus.write_text("\n".join(lines[:2] + [json.dumps(rec)] + lines[3:]) + "\n")
+    with pytest.raises(SpdError, match=r"corpus.jsonl line 3: its prompt is not among"):
+        restore_run(tmp_path / "a", tmp_path / "out")
+    manifest = tmp_path / "a" / "corpus.jsonl.manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["config"]["n_prompts"] = 5  # another set of training prompts than the corpus was made from
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(SpdError, match="training prompts differ"):
+        restore_run(tmp_path / "a", tmp_path / "out2")
+
+
+def _finished_run(wd, value):
+    (wd / "eval" / "base").mkdir(parents=True)
+    records = [{"id": str(i), "completion": f"So the answer is {5 if right else 4}.", "answer": "5", "correct": right}
+               for i, right in enumerate([value, True])]
+    (wd / "eval" / "base" / "gsm8k.json").write_text(json.dumps(
+        {"task": "gsm8k", "metric": "accuracy", "score": (1 + value) / 2, "n": 2, "records": records}))
+    (wd / "results.json").write_text("{}")
+
+
+def test_the_study_puts_archived_runs_back_and_skips_them(tmp_path, monkeypatch):
+    """A new machine: the run folders are gone, the archive (in git) is not."""
+    archive = tmp_path / "archive"
+    st = StudySettings(root=tmp_path / "runs", models=("m",), domains=("math",), ood=False, ablation=False,
+                       controls=False, archive=archive)
+    base = st.runs()[0]
+    _finished_run(base.workdir(st.root), False)
+    assert archive_finished(st, log=lambda *_: None) == 2  # eval/base/gsm8k.json, results.json
+    before = collect(st)["models"]["m"]["runs"]["math/base"]["scores"]
+    import shutil
+
+    shutil.rmtree(st.root)
+    lines = []
+    dry = run_study(st, dry_run=True, log=lines.append)
+    assert dry[0]["status"] == "complete" and "archived" in lines[0]
+    assert not st.root.exists()  # a dry run writes nothing
+    calls = []
+
+    class FakeRun:
+        def __init__(self, argv, **kw):
+            calls.append(argv)
+
+        def wait(self, timeout=None):
+            return 130  # the first run left to do is interrupted
+
+    monkeypatch.setattr("spd.study.subprocess.Popen", FakeRun)
+    monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
+    statuses = run_study(st, log=lambda *_: None)
+    assert [s["status"] for s in statuses] == ["complete", "failed"]
+    assert "--method" in calls[0] and calls[0][calls[0].index("--method") + 1] == "spd"
+    assert collect(st)["models"]["m"]["runs"]["math/base"]["scores"] == before
+    # the SPD run got the base evaluations from the restored base run, as on the first machine
+    assert (st.runs()[1].workdir(st.root) / "eval" / "base" / "gsm8k.json").is_file()
+    assert restore_archived(st, log=lambda *_: None) == 0  # complete now: nothing to put back
+
+
+def test_study_script_report_restores_from_the_archive(tmp_path):
+    """`python bench/study.py --report` on a new machine writes the document from the archive alone."""
+    import subprocess
+    from pathlib import Path
+
+    archive = tmp_path / "archive"
+    st = StudySettings(root=tmp_path / "old", models=("m",), domains=("math",), archive=archive)
+    _finished_run(st.runs()[0].workdir(st.root), True)
+    archive_finished(st, log=lambda *_: None)
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# doc\n<!-- study:results -->\n<!-- /study:results -->\n")
+    script = Path(__file__).resolve().parents[1] / "bench" / "study.py"
+    proc = subprocess.run([sys.executable, str(script), "--report", "--root", str(tmp_path / "new"), "--models", "m",
+                           "--domains", "math", "--archive", str(archive), "--doc", str(doc)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "restored m/math/base" in proc.stdout
+    assert "| Base (ours) | … | … | 100.0 [" in doc.read_text()
