@@ -14,6 +14,7 @@ from spd.study import (
     StudySettings,
     archive_finished,
     collect,
+    phases_left,
     restore_archived,
     run_study,
 )
@@ -108,6 +109,30 @@ def test_a_corpus_whose_prompts_cannot_be_made_again_is_refused(corpus_run, tmp_
         restore_run(tmp_path / "a", tmp_path / "out2")
 
 
+def test_a_run_not_finished_keeps_the_phases_it_finished(corpus_run, tmp_path):
+    """What `spd run` skips when it is there: the subspace, a finished corpus, finished evaluations
+    (not the manifest, results or training record of a run still going)."""
+    import shutil
+
+    wd, _, _ = corpus_run
+    written = archive_run(wd, tmp_path / "a", labels=["spd"], complete=False)
+    assert sorted(written) == ["corpus.jsonl", "corpus.jsonl.manifest.json", "eval/spd/arith.json",
+                               "subspace.safetensors"]
+    assert not is_archived(tmp_path / "a")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(wd, unfinished)
+    manifest = json.loads((unfinished / "corpus.jsonl.manifest.json").read_text())
+    (unfinished / "corpus.jsonl.manifest.json").write_text(json.dumps({**manifest, "finished": False}))
+    assert "corpus.jsonl" not in archive_run(unfinished, tmp_path / "b", labels=["spd"], complete=False)
+    st = StudySettings(root=tmp_path / "runs", models=("m",), domains=("math",), ood=False, ablation=False,
+                       controls=False, archive=tmp_path / "archive")
+    spd_run = st.runs()[1]
+    shutil.copytree(tmp_path / "a", st.archive / "m" / "math" / "spd")
+    assert restore_archived(st, log=lambda *_: None) == 1
+    assert (spd_run.workdir(st.root) / "corpus.jsonl").read_bytes() == (wd / "corpus.jsonl").read_bytes()
+    assert phases_left(st, spd_run) == ["train", "eval spd gsm8k", "eval spd svamp"]
+
+
 def _finished_run(wd, value):
     (wd / "eval" / "base").mkdir(parents=True)
     records = [{"id": str(i), "completion": f"So the answer is {5 if right else 4}.", "answer": "5", "correct": right}
@@ -169,5 +194,5 @@ def test_study_script_report_restores_from_the_archive(tmp_path):
                            "--domains", "math", "--archive", str(archive), "--doc", str(doc)],
                           check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "restored m/math/base" in proc.stdout
+    assert "restored the finished run of m/math/base" in proc.stdout
     assert "| Base (ours) | … | … | 100.0 [" in doc.read_text()

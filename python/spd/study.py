@@ -182,33 +182,42 @@ def archive_dir(settings: StudySettings, run: StudyRun) -> Path | None:
 
 
 def archive_finished(settings: StudySettings, log=print) -> int:
-    """Copy every complete run into the archive (only files that changed). Returns the files written."""
-    from .study_archive import archive_run
-
-    if not settings.archive:
-        return 0
+    """Copy every complete run, and the finished phases of the others (see
+    :func:`spd.study_archive.archive_run`), into the archive; only files that changed. Returns the
+    files written."""
     n = 0
     for run in settings.runs():
-        wd = run.workdir(settings.root)
-        if is_complete(wd):
-            written = archive_run(wd, archive_dir(settings, run), labels=[run.method])
-            if written:
-                log(f"[study] archived {run.model}/{run.key}: {', '.join(written)}")
-            n += len(written)
+        written = _archive(settings, run)
+        if written:
+            log(f"[study] archived {run.model}/{run.key}: {', '.join(written)}")
+        n += len(written)
     return n
 
 
+def _archive(settings: StudySettings, run: StudyRun) -> list[str]:
+    """Archive ``run``, finished or the phases it finished; returns the files written."""
+    from .study_archive import archive_run
+
+    wd = run.workdir(settings.root)
+    if not (settings.archive and wd.is_dir()):
+        return []
+    return archive_run(wd, archive_dir(settings, run), labels=[run.method], complete=is_complete(wd))
+
+
 def restore_archived(settings: StudySettings, log=print) -> int:
-    """Put every archived run back into its run folder where that run is not complete (a new
-    machine, a deleted folder). Returns the runs restored."""
+    """Put what the archive has of each run back into its run folder where that run is not
+    complete (a new machine, a deleted folder). Returns the runs restored into."""
     from .study_archive import is_archived, restore_run
 
     n = 0
     for run in settings.runs():
         dest, wd = archive_dir(settings, run), run.workdir(settings.root)
-        if dest is not None and is_archived(dest) and not is_complete(wd):
-            written = restore_run(dest, wd)
-            log(f"[study] restored {run.model}/{run.key} from {dest} ({len(written)} files; no adapter)")
+        if dest is None or not dest.is_dir() or is_complete(wd):
+            continue
+        written = restore_run(dest, wd)
+        if written:
+            what = "the finished run" if is_archived(dest) else "its finished phases"
+            log(f"[study] restored {what} of {run.model}/{run.key} from {dest}: {', '.join(written)}")
             n += 1
     return n
 
@@ -454,10 +463,12 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
                 rc = proc.wait()
             except KeyboardInterrupt:  # the study is stopped: stop its run too, never leave it running alone
                 rc = _stop(proc)
+                _archive(settings, run)
                 log(f"{label}: interrupted (exit {rc}); the same command resumes it")
                 statuses.append({"run": f"{run.model}/{run.key}", "status": "interrupted", "rc": rc})
                 break
         minutes = (time.perf_counter() - started) / 60
+        _archive(settings, run)
         if rc != 0:
             log(f"{label}: failed (exit {rc}) after {minutes:.1f} min; see {wd / 'log.txt'}")
             statuses.append({"run": f"{run.model}/{run.key}", "status": "failed", "rc": rc})
@@ -466,10 +477,6 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             continue
         log(f"{label}: done in {minutes:.1f} min")
         statuses.append({"run": f"{run.model}/{run.key}", "status": "complete"})
-        if settings.archive:
-            from .study_archive import archive_run
-
-            archive_run(wd, archive_dir(settings, run), labels=[run.method])
         if after_each is not None:
             after_each()
     todo = [s for s in statuses if s["status"] == "todo"]

@@ -5,8 +5,9 @@ An archived run is ``<archive>/<model>/<key>/`` with the run's small files (:dat
 corpus and its own evaluations, every prompt (text made from a benchmark's examples) replaced by
 its sha256 (``prompt_sha256``). Restoring copies them back, the corpus's prompts made again from
 its task's examples and checked line by line, so a restored corpus can be trained on. Adapters and
-checkpoints (tens of MB per run) are not kept: a restored run is complete as a record, and one
-that had to be evaluated again would be trained again.
+checkpoints are not kept: a restored run is complete as a record, and one that had to be
+evaluated again would be trained again. Of a run not finished yet, the archive keeps the phases it
+finished but training (subspace, corpus, evaluations), which `spd run` skips once they are back.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from .errors import SpdError
 from .evaluate import prompt_sha256
 
 KEPT = ("manifest.json", "results.json", "train/train.json", "subspace.safetensors", "random.safetensors",
-        "corpus_quality.json", "corpus.jsonl.manifest.json")
-CORPUS = "corpus.jsonl"
+        "corpus_quality.json")
+KEPT_UNFINISHED = ("subspace.safetensors", "random.safetensors")  # of a run not complete yet
+CORPUS, CORPUS_MANIFEST = "corpus.jsonl", "corpus.jsonl.manifest.json"
 
 
 def is_archived(dest: Path) -> bool:
@@ -28,15 +30,21 @@ def is_archived(dest: Path) -> bool:
     return (Path(dest) / "results.json").is_file()
 
 
-def archive_run(workdir: Path, dest: Path, labels: list[str]) -> list[str]:
-    """Copy a finished run's files from ``workdir`` into ``dest`` (its corpus and the evaluations
-    of ``labels`` without their prompts). Writes only what changed; returns the paths written,
+def archive_run(workdir: Path, dest: Path, labels: list[str], *, complete: bool = True) -> list[str]:
+    """Copy a run's files from ``workdir`` into ``dest``: its corpus once finished and the
+    evaluations of ``labels``, both without their prompts, and :data:`KEPT`; of a run not
+    ``complete`` yet only what `spd run` skips when it is there (subspace, finished corpus, finished
+    evaluations), so the run goes on from it. Writes only what changed; returns the paths written,
     relative to ``dest``."""
+    from .generate import corpus_finished
+
     workdir, dest = Path(workdir), Path(dest)
-    files = {name: (workdir / name).read_bytes() for name in KEPT if (workdir / name).is_file()}
-    if (workdir / CORPUS).is_file():
+    files = {name: (workdir / name).read_bytes() for name in (KEPT if complete else KEPT_UNFINISHED)
+             if (workdir / name).is_file()}
+    if corpus_finished(workdir / CORPUS):  # the manifest after the corpus: it is what says "finished"
         files[CORPUS] = _without_prompts_jsonl((workdir / CORPUS).read_bytes())
-    for label in labels:
+        files[CORPUS_MANIFEST] = (workdir / CORPUS_MANIFEST).read_bytes()
+    for label in labels:  # an evaluation's file is written once it is finished
         for path in sorted((workdir / "eval" / label).glob("*.json")):
             files[path.relative_to(workdir).as_posix()] = _without_prompts_eval(path.read_bytes())
     return [name for name, data in files.items() if write_if_changed(dest / name, data)]
@@ -55,13 +63,13 @@ def restore_run(dest: Path, workdir: Path) -> list[str]:
             continue
         data = path.read_bytes()
         if name == CORPUS:
-            data = _with_prompts_jsonl(data, _corpus_prompts(dest / "corpus.jsonl.manifest.json"), path)
+            data = _with_prompts_jsonl(data, _corpus_prompts(dest / CORPUS_MANIFEST), path)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(target, "wb") as fh:
             fh.write(data)
         written.append(name)
-    if CORPUS in written and "corpus.jsonl.manifest.json" in written:  # the manifest last: it says "finished"
-        written.append(written.pop(written.index("corpus.jsonl.manifest.json")))
+    if CORPUS in written and CORPUS_MANIFEST in written:  # the manifest last: it says "finished"
+        written.append(written.pop(written.index(CORPUS_MANIFEST)))
     return written
 
 
