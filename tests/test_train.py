@@ -21,7 +21,7 @@ from spd import SpdError, _signals
 from spd._signals import take_ctrl_c
 from spd.cli import cli
 from spd.train import (IGNORE, Collator, CorpusRecord, build_examples, completion_share, encode_record, lora_targets,
-                       read_corpus, train)
+                       mean_logged_loss, read_corpus, train)
 
 from .conftest import save_tiny_llama
 
@@ -277,7 +277,10 @@ def test_ctrl_c_checkpoints_the_current_step_then_stops(tiny_dir, tok, corpus, t
     assert not json.loads((tmp_path / "cut" / "train.json").read_text())["finished"]
     resumed = train(fresh(tiny_dir), tok, corpus, tmp_path / "cut", **opts)
     assert resumed.info["resumed_from"] == "checkpoint-5" and resumed.info["global_step"] == 12
-    train(fresh(tiny_dir), tok, corpus, tmp_path / "whole", **opts)
+    whole = train(fresh(tiny_dir), tok, corpus, tmp_path / "whole", **opts)
+    # the whole run's mean loss, though the Trainer's own counts only the resumed part's steps
+    assert resumed.info["train_loss"] == pytest.approx(whole.info["train_loss"], rel=1e-5)
+    assert resumed.info["train_loss"] == pytest.approx(mean_logged_loss(whole.info["loss_history"]), rel=1e-6)
     a, b = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for key in a:

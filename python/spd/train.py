@@ -503,6 +503,18 @@ def _loss_history(log_history: list[dict]) -> list[dict]:
     return [{k: e[k] for k in keep if k in e} for e in log_history if "loss" in e]
 
 
+def mean_logged_loss(history: list[dict]) -> float | None:
+    """The mean loss per optimizer step over the logged steps (each logged loss is the mean of the
+    steps since the previous log), the whole run's even when it was resumed: the Trainer's own
+    ``training_loss`` divides only the resumed part's losses by all the steps."""
+    total, steps, prev = 0.0, 0, 0
+    for entry in history:
+        total += entry["loss"] * (entry["step"] - prev)
+        steps += entry["step"] - prev
+        prev = entry["step"]
+    return total / steps if steps else None
+
+
 def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: float = 5.0, lr: float = 1e-5,
           lora_r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.05, target_modules=None,
           batch_size: int = 4, grad_accum: int = 1, max_length: int = 1024, completion_only: bool = False,
@@ -670,9 +682,11 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
     _after_training(model, use_cache)
     _drop_autocast_wrapper(peft_model)
     peft_model.eval()
+    history = _loss_history(trainer.state.log_history)
     info.update({
         "finished": True, "global_step": trainer.state.global_step, "epochs_done": trainer.state.epoch,
-        "train_loss": output.training_loss, "loss_history": _loss_history(trainer.state.log_history),
+        "train_loss": output.training_loss if resume is None else mean_logged_loss(history),
+        "loss_history": history,
         "resumed_from": resume.name if resume is not None else None,
         "wall_s": round(time.perf_counter() - started, 3), "adapter": "adapter", "merged": None,
     })
