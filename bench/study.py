@@ -13,10 +13,11 @@ command again.
 Before each refresh, finished exact-match evaluations are re-scored from their stored completions
 (``spd rescore``), so a fix to answer extraction reaches every run without rerunning a model.
 
-Finished runs are also kept in bench/results/study/ (tracked in git; spd.study_archive): their
-manifests, scores, per-example evaluations, corpora and subspaces, without adapters and with each
-prompt replaced by its hash. On a new machine the study and --report put them back into --root, so
-commit that folder as runs finish and nothing finished is lost with the machine.
+Runs are also kept in bench/results/study/ as their phases finish (tracked in git;
+spd.study_archive): their manifests, scores, per-example evaluations, corpora, subspaces and LoRA
+adapters, without checkpoints and with each prompt replaced by its hash. On a new machine the study
+and --report put them back into --root, so commit that folder as runs finish and nothing finished
+is lost with the machine.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--dry-run", is_flag=True, help="List the runs, the phases each has left and an estimate of the time; run nothing.")
 @click.option("--report", "report_only", is_flag=True, help="Only refresh the document from finished runs.")
 @click.option("--archive", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "bench" / "results" / "study",
-              show_default=True, help="Where finished runs are kept for git, without weights or prompts; "
+              show_default=True, help="Where runs are kept for git, without base weights, checkpoints or prompts; "
               "runs found there are put back into --root.")
 @click.option("--no-archive", is_flag=True, help="Neither keep finished runs in --archive nor restore from it.")
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",

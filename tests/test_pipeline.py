@@ -212,3 +212,24 @@ def test_ssd_run_passes_the_filter_to_training(tiny_dir, tmp_path, monkeypatch):
         run(config(tiny_dir, method="ssd"), tmp_path / "b", log=logged.append)
     assert seen == [True, False]
     assert any("one-line filter is off for arith" in line for line in logged)
+
+
+def test_a_run_restored_from_the_archive_is_evaluated_again_without_training(tiny_dir, tmp_path, monkeypatch):
+    """A new machine: the study's archive gives back the trained adapter, so an evaluation that has
+    to be made again (here: deleted) reuses it, scores as the first machine did, and trains nothing."""
+    from spd.study_archive import archive_run, restore_run
+
+    first = tmp_path / "first-machine"
+    run(config(tiny_dir), first, log=lambda *a: None)
+    archive_run(first, tmp_path / "archive", labels=["spd"])
+    second = tmp_path / "second-machine"
+    restore_run(tmp_path / "archive", second)
+    (second / "eval" / "spd" / "arith.json").unlink()
+    (second / "results.json").unlink()
+    monkeypatch.setattr(importlib.import_module("spd.train"), "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(importlib.import_module("spd.calibrate"), "capture",
+                        lambda *a, **k: pytest.fail("calibrated again"))
+    run(config(tiny_dir), second, log=lambda *a: None)
+    assert scores(second) == scores(first)
+    made, kept = (json.loads((w / "eval" / "spd" / "arith.json").read_text()) for w in (second, first))
+    assert [r["completion"] for r in made["records"]] == [r["completion"] for r in kept["records"]]

@@ -1,5 +1,5 @@
-"""The study's archive of finished runs (spd.study_archive): kept without weights or prompt text,
-put back byte for byte where a run folder lost them, and used by the study on a new machine."""
+"""The study's archive of runs (spd.study_archive): kept without base weights or prompt text, put
+back byte for byte where a run folder lost them, and used by the study on a new machine."""
 from __future__ import annotations
 
 import json
@@ -28,7 +28,7 @@ from .conftest import save_tiny_llama
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, default_model):
     """A finished run folder: a real corpus of arith training prompts, an evaluation with prompts,
-    the small files and an adapter."""
+    the small files and a finished training's adapter."""
     tiny_dir = save_tiny_llama(tmp_path_factory.mktemp("tiny-archive"), default_model[1], num_hidden_layers=2)
     model = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     model.spd_name = "tiny"
@@ -46,21 +46,26 @@ def corpus_run(tmp_path_factory, default_model):
     (wd / "eval" / "base" / "arith.json").write_text(json.dumps({"task": "arith", "records": []}))
     (wd / "subspace.safetensors").write_bytes(bytes(range(256)))
     (wd / "train" / "adapter").mkdir(parents=True)
-    (wd / "train" / "adapter" / "adapter_model.safetensors").write_bytes(b"weights" * 1000)
-    (wd / "train" / "train.json").write_text('{"train_loss": 1.5}')
+    (wd / "train" / "adapter" / "adapter_model.safetensors").write_bytes(b"lora weights" * 1000)
+    (wd / "train" / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    (wd / "train" / "adapter" / "README.md").write_text("a model card")
+    (wd / "train" / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (wd / "train" / "checkpoints" / "checkpoint-5" / "optimizer.pt").write_bytes(b"optimizer state")
+    (wd / "train" / "train.json").write_text('{"finished": true, "train_loss": 1.5}')
     for name in ("manifest.json", "results.json"):
         (wd / name).write_text(json.dumps({"name": name}))
     return wd, task, examples
 
 
-def test_archive_keeps_no_weights_and_no_prompt_text(corpus_run, tmp_path):
+def test_archive_keeps_the_adapter_but_no_checkpoint_and_no_prompt_text(corpus_run, tmp_path):
     wd, task, examples = corpus_run
     written = archive_run(wd, tmp_path / "a", labels=["spd"])
     assert sorted(written) == ["corpus.jsonl", "corpus.jsonl.manifest.json", "eval/spd/arith.json", "manifest.json",
-                               "results.json", "subspace.safetensors", "train/train.json"]
+                               "results.json", "subspace.safetensors", "train/adapter/adapter_config.json",
+                               "train/adapter/adapter_model.safetensors", "train/train.json"]
     kept = b"".join(p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert all(task.prompt(ex).encode() not in kept for ex in examples)
-    assert b"weights" not in kept and is_archived(tmp_path / "a")
+    assert b"optimizer state" not in kept and is_archived(tmp_path / "a")
     rec = json.loads((tmp_path / "a" / "eval" / "spd" / "arith.json").read_text())["records"][0]
     assert list(rec) == ["id", "prompt_sha256", "completion", "correct"]
     assert rec["prompt_sha256"] == prompt_sha256(task.prompt(examples[0]))
@@ -75,8 +80,10 @@ def test_restore_gives_back_the_same_files_and_never_overwrites(corpus_run, tmp_
     (out / "train" / "train.json").write_text("mine")
     written = restore_run(tmp_path / "a", out)
     assert "train/train.json" not in written and (out / "train" / "train.json").read_text() == "mine"
-    assert written[-1] == "corpus.jsonl.manifest.json"  # after the corpus: it is what says "finished"
-    for name in ("corpus.jsonl", "corpus.jsonl.manifest.json", "subspace.safetensors", "manifest.json"):
+    # the files that say a phase is finished come after that phase's files
+    assert written[-2:] == ["corpus.jsonl.manifest.json", "train/adapter/adapter_config.json"]
+    for name in ("corpus.jsonl", "corpus.jsonl.manifest.json", "subspace.safetensors", "manifest.json",
+                 "train/adapter/adapter_model.safetensors", "train/adapter/adapter_config.json"):
         assert (out / name).read_bytes() == (wd / name).read_bytes(), name
     saved = out / "eval" / "spd" / "arith.json"
     assert json.loads(saved.read_text())["records"][1]["correct"] is False
@@ -110,26 +117,33 @@ def test_a_corpus_whose_prompts_cannot_be_made_again_is_refused(corpus_run, tmp_
 
 
 def test_a_run_not_finished_keeps_the_phases_it_finished(corpus_run, tmp_path):
-    """What `spd run` skips when it is there: the subspace, a finished corpus, finished evaluations
-    (not the manifest, results or training record of a run still going)."""
+    """Its manifest (the phases' times) and what `spd run` skips when it is there: the subspace, a
+    finished corpus, a finished training's adapter, finished evaluations (not the results of a run
+    still going, nor an unfinished training)."""
     import shutil
 
     wd, _, _ = corpus_run
     written = archive_run(wd, tmp_path / "a", labels=["spd"], complete=False)
-    assert sorted(written) == ["corpus.jsonl", "corpus.jsonl.manifest.json", "eval/spd/arith.json",
-                               "subspace.safetensors"]
+    assert sorted(written) == ["corpus.jsonl", "corpus.jsonl.manifest.json", "eval/spd/arith.json", "manifest.json",
+                               "subspace.safetensors", "train/adapter/adapter_config.json",
+                               "train/adapter/adapter_model.safetensors", "train/train.json"]
     assert not is_archived(tmp_path / "a")
     unfinished = tmp_path / "unfinished"
     shutil.copytree(wd, unfinished)
     manifest = json.loads((unfinished / "corpus.jsonl.manifest.json").read_text())
     (unfinished / "corpus.jsonl.manifest.json").write_text(json.dumps({**manifest, "finished": False}))
-    assert "corpus.jsonl" not in archive_run(unfinished, tmp_path / "b", labels=["spd"], complete=False)
+    (unfinished / "train" / "train.json").write_text('{"finished": false}')  # killed while training
+    kept = archive_run(unfinished, tmp_path / "b", labels=["spd"], complete=False)
+    assert "corpus.jsonl" not in kept and not any(name.startswith("train/") for name in kept)
     st = StudySettings(root=tmp_path / "runs", models=("m",), domains=("math",), ood=False, ablation=False,
                        controls=False, archive=tmp_path / "archive")
     spd_run = st.runs()[1]
     shutil.copytree(tmp_path / "a", st.archive / "m" / "math" / "spd")
     assert restore_archived(st, log=lambda *_: None) == 1
-    assert (spd_run.workdir(st.root) / "corpus.jsonl").read_bytes() == (wd / "corpus.jsonl").read_bytes()
+    restored = spd_run.workdir(st.root)
+    assert (restored / "corpus.jsonl").read_bytes() == (wd / "corpus.jsonl").read_bytes()
+    assert phases_left(st, spd_run) == ["eval spd gsm8k", "eval spd svamp"]  # training is not done again
+    (restored / "train" / "adapter" / "adapter_config.json").unlink()  # an adapter cut short is no training
     assert phases_left(st, spd_run) == ["train", "eval spd gsm8k", "eval spd svamp"]
 
 

@@ -96,7 +96,7 @@ class StudySettings:
     completion_only_qa: bool = True  # QA again with the loss on the completions only (per model, last)
     controls: bool = True  # SPD on math with a random subspace of the calibrated one's shape (per model, last)
     extra: list[str] = field(default_factory=list)  # more `spd run` options, e.g. ["--dtype", "float32"]
-    archive: Path | None = None  # where finished runs are kept without weights (spd.study_archive), e.g. in git
+    archive: Path | None = None  # where runs are kept without base weights (spd.study_archive), e.g. in git
 
     def runs(self) -> list[StudyRun]:
         """Every run, in the order they are done (per model: each domain's four methods, the
@@ -292,9 +292,10 @@ def _phase_kind(name: str, run: StudyRun) -> tuple[str, str]:
 
 def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
     """The phases of ``run`` that are not complete yet (names as in its manifest, or, as ``spd run``
-    skips them, with their artifact in place: a subspace file, a finished corpus). The base model's
+    skips them, with their artifact in place: a subspace file, a finished corpus, an adapter). The base model's
     evaluations of a method run are left out: they are copied from the domain's base run."""
     from .generate import corpus_finished
+    from .study_archive import training_finished
 
     label = run.method
     names = ([] if run.method == "base" else ["calibrate"] * (run.method == "spd") + ["generate", "train"])
@@ -305,6 +306,7 @@ def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
     done = {k for k, v in read_phases(wd).items() if v.get("status") == "complete"}
     done |= {"calibrate"} if subspace_path(settings, run.model, run.key).is_file() else set()
     done |= {"generate"} if corpus_finished(wd / "corpus.jsonl") else set()
+    done |= {"train"} if training_finished(wd) else set()
     return [n for n in names if n not in done]
 
 

@@ -1,13 +1,15 @@
-"""The study's finished runs, kept in git: what its report needs of each run folder, without model
-weights or benchmark text, and put back into a run folder that has lost it (a new machine).
+"""The study's runs, kept in git: what its report needs of each run folder and the trained LoRA
+adapter, without the base model's weights or benchmark text, and put back into a run folder that
+has lost it (a new machine).
 
 An archived run is ``<archive>/<model>/<key>/`` with the run's small files (:data:`KEPT`), its
-corpus and its own evaluations, every prompt (text made from a benchmark's examples) replaced by
-its sha256 (``prompt_sha256``). Restoring copies them back, the corpus's prompts made again from
-its task's examples and checked line by line, so a restored corpus can be trained on. Adapters and
-checkpoints are not kept: a restored run is complete as a record, and one that had to be
-evaluated again would be trained again. Of a run not finished yet, the archive keeps the phases it
-finished but training (subspace, corpus, evaluations), which `spd run` skips once they are back.
+adapter (``train/adapter/``, ~4 MB), its corpus and its own evaluations, every prompt (text made
+from a benchmark's examples) replaced by its sha256 (``prompt_sha256``). Restoring copies them
+back, the corpus's prompts made again from its task's examples and checked line by line, so a
+restored corpus can be trained on and a restored adapter evaluated again (e.g. after a prompt
+change) without training it again. Checkpoints are not kept. Of a run not finished yet, the
+archive keeps the phases it finished (subspace, corpus, finished training, evaluations), which
+`spd run` skips once they are back.
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ from .evaluate import prompt_sha256
 
 KEPT = ("manifest.json", "results.json", "train/train.json", "subspace.safetensors", "random.safetensors",
         "corpus_quality.json")
-KEPT_UNFINISHED = ("subspace.safetensors", "random.safetensors")  # of a run not complete yet
+KEPT_UNFINISHED = ("manifest.json", "subspace.safetensors", "random.safetensors")  # of a run not complete yet
 CORPUS, CORPUS_MANIFEST = "corpus.jsonl", "corpus.jsonl.manifest.json"
+TRAIN_INFO = "train/train.json"
+# a finished training's adapter; its config last, as it is what tells `spd run` that training is done
+ADAPTER = ("train/adapter/adapter_model.safetensors", "train/adapter/adapter_config.json")
 
 
 def is_archived(dest: Path) -> bool:
@@ -32,10 +37,10 @@ def is_archived(dest: Path) -> bool:
 
 def archive_run(workdir: Path, dest: Path, labels: list[str], *, complete: bool = True) -> list[str]:
     """Copy a run's files from ``workdir`` into ``dest``: its corpus once finished and the
-    evaluations of ``labels``, both without their prompts, and :data:`KEPT`; of a run not
-    ``complete`` yet only what `spd run` skips when it is there (subspace, finished corpus, finished
-    evaluations), so the run goes on from it. Writes only what changed; returns the paths written,
-    relative to ``dest``."""
+    evaluations of ``labels``, both without their prompts, its adapter once trained, and
+    :data:`KEPT`; of a run not ``complete`` yet only its manifest (the phases' times) and what
+    `spd run` skips when it is there (subspace, finished corpus, finished training, finished
+    evaluations), so the run goes on from it. Writes only what changed; returns the paths written, relative to ``dest``."""
     from .generate import corpus_finished
 
     workdir, dest = Path(workdir), Path(dest)
@@ -44,6 +49,8 @@ def archive_run(workdir: Path, dest: Path, labels: list[str], *, complete: bool 
     if corpus_finished(workdir / CORPUS):  # the manifest after the corpus: it is what says "finished"
         files[CORPUS] = _without_prompts_jsonl((workdir / CORPUS).read_bytes())
         files[CORPUS_MANIFEST] = (workdir / CORPUS_MANIFEST).read_bytes()
+    if training_finished(workdir):
+        files.update({name: (workdir / name).read_bytes() for name in (TRAIN_INFO, *ADAPTER)})
     for label in labels:  # an evaluation's file is written once it is finished
         for path in sorted((workdir / "eval" / label).glob("*.json")):
             files[path.relative_to(workdir).as_posix()] = _without_prompts_eval(path.read_bytes())
@@ -56,8 +63,9 @@ def restore_run(dest: Path, workdir: Path) -> list[str]:
     archived ones, e.g. the benchmark data changed). Returns the paths written."""
     dest, workdir = Path(dest), Path(workdir)
     written = []
-    for path in sorted(p for p in dest.rglob("*") if p.is_file()):
-        name = path.relative_to(dest).as_posix()
+    names = [p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()]
+    for name in _restore_order(names):
+        path = dest / name
         target = workdir / name
         if target.exists():
             continue
@@ -68,9 +76,23 @@ def restore_run(dest: Path, workdir: Path) -> list[str]:
         with atomic_file(target, "wb") as fh:
             fh.write(data)
         written.append(name)
-    if CORPUS in written and CORPUS_MANIFEST in written:  # the manifest last: it says "finished"
-        written.append(written.pop(written.index(CORPUS_MANIFEST)))
     return written
+
+
+def training_finished(workdir: Path) -> bool:
+    """Whether ``workdir``'s training finished: its train.json says so and its adapter is saved."""
+    try:
+        finished = json.loads((Path(workdir) / TRAIN_INFO).read_text()).get("finished") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+    return finished and all((Path(workdir) / name).is_file() for name in ADAPTER)
+
+
+def _restore_order(names: list[str]) -> list[str]:
+    """The files of an archived run in the order they are put back: each file that says a phase is
+    finished (the corpus's manifest, the adapter's config) after the files of that phase."""
+    last = (CORPUS_MANIFEST, ADAPTER[-1])
+    return sorted(names, key=lambda name: (name in last, name))
 
 
 def _corpus_prompts(manifest: Path) -> dict[str, str]:
