@@ -36,7 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--domains", default="code,math,qa", show_default=True)
 @click.option("--n-train", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Generation/eval batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Generation/eval batch.")
+@click.option("--train-precision", type=click.Choice(["bf16", "float32", "auto"]), default="bf16", show_default=True,
+              help="Training's precision on every machine: bfloat16 autocast (the paper's, on GPUs), float32, or "
+              "`spd train`'s default for the machine.")
 @click.option("--completion-only-qa/--no-completion-only-qa", default=True, show_default=True,
               help="After the paper's protocol, train the QA runs again with the loss on the completions only.")
 @click.option("--controls/--no-controls", default=True, show_default=True,
@@ -50,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--no-archive", is_flag=True, help="Neither keep finished runs in --archive nor restore from it.")
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",
               show_default=True)
-def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa, controls, only, dry_run, report_only,
+def main(root, models, domains, n_train, epochs, batch_size, train_precision, completion_only_qa, controls, only, dry_run, report_only,
          archive, no_archive, doc):
     from spd._signals import take_ctrl_c
     from spd.errors import SpdError
@@ -68,7 +71,8 @@ def main(root, models, domains, n_train, epochs, batch_size, completion_only_qa,
 
     settings = StudySettings(root=root, models=tuple(m for m in models.split(",") if m),
                              domains=tuple(d for d in domains.split(",") if d), n_train=n_train, epochs=epochs,
-                             batch_size=batch_size, completion_only_qa=completion_only_qa, controls=controls,
+                             batch_size=batch_size, completion_only_qa=completion_only_qa,
+                             train_bf16={"bf16": True, "float32": False, "auto": None}[train_precision], controls=controls,
                              archive=None if no_archive else archive)
 
     def report():

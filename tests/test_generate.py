@@ -262,3 +262,34 @@ def test_stop_strings_apply_to_generated_text_only(tiny):
     closed = tok("```python\nx = 1\n```", add_special_tokens=False)["input_ids"]
     assert stop(torch.tensor([prompt + opening]), None).tolist() == [False]
     assert stop(torch.tensor([prompt + closed]), None).tolist() == [True]
+
+
+def test_preallocated_cache_holds_what_a_dynamic_cache_holds(tiny):
+    """The decode cache writes in place into buffers allocated once; appended steps, dropped rows
+    and growing past the capacity leave it with the same keys and values as transformers' own
+    concatenating cache."""
+    from transformers import DynamicCache
+
+    from spd.generate import preallocated_cache
+
+    model, _ = tiny
+    ours, ref = preallocated_cache(model, capacity=5), DynamicCache(config=model.config)
+    gen = torch.Generator().manual_seed(0)
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    rows, buffers = 4, None
+    for step, new in enumerate([3, 1, 1, 2, 1]):  # 3 + 1 + 1 fill the capacity, then it grows
+        if step == 2:
+            keep = torch.tensor([0, 2, 3])
+            ours.batch_select_indices(keep)
+            ref.batch_select_indices(keep)
+            rows = 3
+        for layer in range(model.config.num_hidden_layers):
+            k, v = (torch.randn(rows, heads, new, dim, generator=gen) for _ in range(2))
+            got, want = ours.update(k, v, layer), ref.update(k.clone(), v.clone(), layer)
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), (step, layer)
+        assert ours.get_seq_length() == ref.get_seq_length()
+        pointers = [layer._keys.data_ptr() for layer in ours.layers]
+        if step in (1, 2):  # within the capacity: written in place, no new buffer
+            assert pointers == buffers
+        buffers = pointers
+    assert ours.get_seq_length() == 8 and ours.layers[0]._keys.shape[2] >= 8

@@ -169,6 +169,27 @@ def test_another_config_in_the_same_workdir_is_refused(tiny_dir, tmp_path):
         run(config(tiny_dir, method="base", n_eval=3), wd, log=lambda *a: None)
 
 
+def test_training_precision_is_part_of_a_method_runs_configuration(tiny_dir):
+    """--bf16/--no-bf16 changes what training makes; a base run trains nothing, and a run that
+    leaves it to the machine's default keeps the configuration it had before the option existed."""
+    assert "bf16" not in config(tiny_dir).identity()
+    assert config(tiny_dir, bf16=False).identity()["bf16"] is False
+    assert config(tiny_dir, method="base", bf16=True).identity() == config(tiny_dir, method="base").identity()
+
+
+@pytest.mark.parametrize("flag, bf16", [("--bf16", True), ("--no-bf16", False)])
+def test_spd_run_trains_with_the_precision_it_is_given_whatever_the_machine(tiny_dir, tmp_path, flag, bf16):
+    wd = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", "--model", str(tiny_dir), "--task", "arith", "--method", "psr",
+                                      "--workdir", str(wd), "--n-train", "4", "--n-eval", "2", "--epochs", "1",
+                                      "--max-new-tokens", "4", "--eval-max-new-tokens", "4", flag,
+                                      "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((wd / "train" / "train.json").read_text())
+    assert info["bf16"] is bf16 and info["frozen_weights_bf16"] is bf16
+    assert json.loads((wd / "manifest.json").read_text())["config"]["bf16"] is bf16
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "spd", "--calib-task", "nosuch"], "unknown task 'nosuch'"),
     (["--method", "psr", "--calib-task", "gsm8k"], "--calib-task only applies to --method spd"),

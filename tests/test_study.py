@@ -65,6 +65,10 @@ def test_plan_covers_the_protocol(tmp_path):
     assert cmd[:2] == ["spd", "run"] and cmd[cmd.index("--loss") + 1] == "full"
     assert cmd[cmd.index("--workdir") + 1] == str(tmp_path / "m1" / "ablation" / "math-full")
     assert "--calib-task" in st.command(ood["ood/math-qa"]) and "--calib-task" not in cmd
+    # training's precision is the same on every machine; a base run trains nothing
+    assert all(("--bf16" in st.command(r)) == (r.method != "base") for r in runs)
+    assert "--no-bf16" in StudySettings(root=tmp_path, models=("m1",), train_bf16=False).command(m1[1])
+    assert not any("bf16" in a for a in StudySettings(root=tmp_path, models=("m1",), train_bf16=None).command(m1[1]))
     with pytest.raises(SpdError, match="unknown domain"):
         StudySettings(domains=("poetry",)).runs()
 

@@ -30,6 +30,9 @@ MODEL_OPTION = click.option("--model", "-m", default="smollm2-135m", show_defaul
 DEVICE_OPTION = click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda if available]")
 DTYPE_OPTION = click.option("--dtype", default="auto", show_default=True,
                             type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+BF16_OPTION = click.option("--bf16/--no-bf16", default=None,
+                           help="Train under bfloat16 autocast. [default: bf16 models on a GPU; float32 models "
+                                "on CPUs with AMX]")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -214,8 +217,7 @@ def export(model, subspace, out, device, dtype):
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward pass. [default: on a GPU only]")
-@click.option("--bf16/--no-bf16", default=None,
-              help="bfloat16 autocast. [default: bf16 models on a GPU; float32 models on CPUs with AMX]")
+@BF16_OPTION
 @click.option("--save-steps", type=click.IntRange(1), default=100, show_default=True,
               help="Checkpoint every this many optimizer steps.")
 @click.option("--micro-batch-size", type=click.IntRange(1), default=None,
@@ -302,12 +304,13 @@ def eval_(task, data, out, model, adapter, predictions, n_eval, seed, batch_size
 @click.option("--lora-alpha", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--train-batch-size", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--completion-only", is_flag=True, help="Train on completion tokens only (default: the whole sequence).")
+@BF16_OPTION
 @click.option("--seed", type=int, default=42, show_default=True)
 @DEVICE_OPTION
 @DTYPE_OPTION
 def run_cmd(model, task, method, workdir, calib_task, subspace_file, eval_tasks, n_train, n_calibration, n_eval, layers, rank,
             project_kinds, loss, backend, max_new_tokens, eval_max_new_tokens, batch_size, epochs, lr, lora_r,
-            lora_alpha, train_batch_size, completion_only, seed, device, dtype):
+            lora_alpha, train_batch_size, completion_only, bf16, seed, device, dtype):
     """The whole protocol: base eval, calibrate, generate, train, eval; resumable."""
     from .pipeline import RunConfig, run
 
@@ -317,7 +320,7 @@ def run_cmd(model, task, method, workdir, calib_task, subspace_file, eval_tasks,
                        loss=loss, backend=backend, max_new_tokens=max_new_tokens,
                        eval_max_new_tokens=eval_max_new_tokens, batch_size=batch_size, epochs=epochs, lr=lr,
                        lora_r=lora_r, lora_alpha=lora_alpha, train_batch_size=train_batch_size,
-                       completion_only=completion_only, seed=seed, device=device, dtype=dtype)
+                       completion_only=completion_only, bf16=bf16, seed=seed, device=device, dtype=dtype)
     report = run(config, workdir, log=click.echo)
     click.echo(report.read_text())
     click.echo(f"report: {report}")

@@ -11,6 +11,7 @@ error, not a silent mix.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -196,6 +197,88 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], ids: list[str], *
     return [_finish(tokenizer, row, eos, tuple(stop_strings), max_new_tokens) for row in new]
 
 
+def preallocated_cache(model, capacity: int):
+    """A transformers ``DynamicCache`` whose full-attention layers write each step's keys and values
+    into buffers of ``capacity`` positions allocated once (:class:`PreallocatedLayer`), instead of
+    concatenating the whole cache with the new step (a copy of every cached key and value per
+    decode step: ~40 % of a step at batch 128 on a 2-core CPU). Other layer kinds (sliding window)
+    are left as they are. The same values reach attention, so the same tokens come out."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layer_class = preallocated_layer_class()
+    cache = DynamicCache(config=model.config)
+    cache.layers = [layer_class(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@functools.cache
+def preallocated_layer_class():
+    """``PreallocatedLayer``, made on first use (it subclasses transformers' ``DynamicLayer``, which
+    this module does not import at load time)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A ``DynamicLayer`` over [batch, heads, capacity, head_dim] buffers: ``keys``/``values``
+        are views of the rows and positions in use. An update writes in place (past ``capacity``
+        positions the buffers grow); dropping rows moves the kept ones up in place."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length, self.rows = capacity, 0, 0
+            self._keys = self._values = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            new = key_states.shape[-2]
+            if self._keys is None or self.length + new > self._keys.shape[-2]:
+                self._grow(key_states, value_states, max(self.capacity, 2 * (self.length + new)))
+            end = self.length + new
+            self._keys[:self.rows, :, self.length:end].copy_(key_states)
+            self._values[:self.rows, :, self.length:end].copy_(value_states)
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def _grow(self, key_states, value_states, capacity: int):
+            self.rows = key_states.shape[0]
+
+            def buffer(like, old):
+                buf = like.new_empty((self.rows, like.shape[1], capacity, like.shape[-1]))
+                if old is not None:
+                    buf[:, :, :self.length].copy_(old[:self.rows, :, :self.length])
+                return buf
+
+            self._keys, self._values = buffer(key_states, self._keys), buffer(value_states, self._values)
+
+        def _views(self) -> None:
+            self.keys = self._keys[:self.rows, :, :self.length]
+            self.values = self._values[:self.rows, :, :self.length]
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices) -> None:
+            if self.length > 0:
+                kept = len(indices)
+                self._keys[:kept, :, :self.length] = self.keys[indices]
+                self._values[:kept, :, :self.length] = self.values[indices]
+                self.rows = kept
+                self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            super().crop(tokens_to_remove)  # checks the argument, cuts the views
+            if self.is_initialized and tokens_to_remove < 0:
+                self.length = self.keys.shape[-2]
+
+        def reset(self) -> None:
+            super().reset()
+            self.length, self.rows, self._keys, self._values = 0, 0, None, None
+
+    return PreallocatedLayer
+
+
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, *, processors, stopping, eos: list[int],
            max_new_tokens: int) -> list[list[int]]:
@@ -204,9 +287,7 @@ def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, *, processor
     token or a stopping criterion): the remaining steps run on the sequences still going, where
     ``generate`` keeps computing every row until the last one ends. Returns the new token ids of
     each row, up to and including its end token."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model, input_ids.shape[1] + max_new_tokens)
     last_only = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
     ends = torch.tensor(eos, device=input_ids.device)
     mask = attention

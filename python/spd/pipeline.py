@@ -60,6 +60,7 @@ class RunConfig:
     seed: int = 42
     device: str | None = None
     dtype: str = "auto"
+    bf16: bool | None = None  # training's bfloat16 autocast; None: spd.train's default for the machine
 
     def validate(self) -> None:
         from .tasks import get_task
@@ -92,6 +93,8 @@ class RunConfig:
         ident = asdict(self)
         for key in ("device", "batch_size", "backend"):
             ident.pop(key)
+        if ident["bf16"] is None or self.method == "base":  # a base run trains nothing
+            ident.pop("bf16")
         return ident
 
 
@@ -283,7 +286,7 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
             log(f"[spd run] SSD's one-line filter is off for {task.name}: its answers are one line")
         result = train(model, tok, corpus, train_dir, epochs=config.epochs, lr=config.lr, lora_r=config.lora_r,
                        lora_alpha=config.lora_alpha, batch_size=config.train_batch_size,
-                       completion_only=config.completion_only, drop_trivial=drop,
+                       completion_only=config.completion_only, drop_trivial=drop, bf16=config.bf16,
                        seed=config.seed, model_name=config.model)
         result.model.unload()  # the in-memory model back to the plain base model
         return {"train_loss": result.info.get("train_loss"), "drop_trivial": drop}

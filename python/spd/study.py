@@ -88,8 +88,11 @@ class StudySettings:
     n_train: int = 200
     n_calibration: int = 50
     epochs: float = 5.0
-    batch_size: int = 32
+    batch_size: int = 64  # generation/evaluation rows per batch
     train_batch_size: int = 4
+    # training under bfloat16 autocast on every machine (as the paper's GPUs and the first pass's AMX
+    # CPU), not what `spd train` defaults to there; None leaves it to that default
+    train_bf16: bool | None = True
     seed: int = 42
     ood: bool = True
     ablation: bool = True
@@ -127,6 +130,8 @@ class StudySettings:
                "--n-calibration", str(self.n_calibration), "--epochs", f"{self.epochs:g}",
                "--batch-size", str(self.batch_size), "--train-batch-size", str(self.train_batch_size),
                "--seed", str(self.seed)]
+        if self.train_bf16 is not None and run.method != "base":
+            cmd += ["--bf16" if self.train_bf16 else "--no-bf16"]
         if run.calib_task:
             cmd += ["--calib-task", run.calib_task]
         if run.loss != "aligned":
