@@ -399,6 +399,15 @@ def test_micro_batches_equal_the_whole_batch(tiny_dir, tok, corpus, tmp_path):
         train(fresh(tiny_dir), tok, corpus, tmp_path / "bad", micro_batch_size=3, **opts)
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, fast", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_is_the_cpu_default_where_the_cpu_has_bf16_matmuls(monkeypatch, amx, avx512_bf16, fast):
+    from spd.train import fast_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert fast_bf16("cpu") is fast and fast_bf16("meta") is False
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_precision_setting_is_recorded_and_not_left_on_the_model(tiny_dir, tok, corpus, tmp_path, bf16):
     """bf16 autocast is a training setting: the returned model computes in float32 like a reloaded one."""

@@ -32,7 +32,7 @@ DTYPE_OPTION = click.option("--dtype", default="auto", show_default=True,
                             type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 BF16_OPTION = click.option("--bf16/--no-bf16", default=None,
                            help="Train under bfloat16 autocast. [default: bf16 models on a GPU; float32 models "
-                                "on CPUs with AMX]")
+                                "on CPUs with AMX or AVX512-BF16]")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -457,13 +457,15 @@ def _save_merged(peft_model, tokenizer, target: Path):
 
 def fast_bf16(device) -> bool:
     """Whether bfloat16 matmuls are fast on ``device``: a GPU with bf16 support, or a CPU with AMX
-    tiles (Intel Sapphire Rapids and later; there bf16 GEMMs run ~10x the float32 rate)."""
+    tiles (Intel Sapphire Rapids and later; there bf16 GEMMs run ~10x the float32 rate) or with
+    AVX512-BF16 instructions (AMD Zen 4 and later, Intel Cooper Lake: on a 2-core AMD EPYC a LoRA
+    step of qwen2.5-coder-0.5b under bf16 autocast took 12.0-12.8 s against 19.3-20.4 s in float32)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(is_amx and is_amx())
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        return any(check is not None and bool(check()) for check in checks)
     return False
 
 
