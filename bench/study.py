@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--no-archive", is_flag=True, help="Neither keep finished runs in --archive nor restore from it.")
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "RESULTS.md",
               show_default=True)
-def main(root, models, domains, n_train, epochs, batch_size, train_precision, completion_only_qa, controls, only, dry_run, report_only,
-         archive, no_archive, doc):
+def main(root, models, domains, n_train, epochs, batch_size, train_precision, completion_only_qa, controls, only,
+         dry_run, report_only, archive, no_archive, doc):
     from spd._signals import take_ctrl_c
     from spd.errors import SpdError
     from spd.pipeline import rescore_tree
@@ -71,8 +71,8 @@ def main(root, models, domains, n_train, epochs, batch_size, train_precision, co
 
     settings = StudySettings(root=root, models=tuple(m for m in models.split(",") if m),
                              domains=tuple(d for d in domains.split(",") if d), n_train=n_train, epochs=epochs,
-                             batch_size=batch_size, completion_only_qa=completion_only_qa,
-                             train_bf16={"bf16": True, "float32": False, "auto": None}[train_precision], controls=controls,
+                             batch_size=batch_size, completion_only_qa=completion_only_qa, controls=controls,
+                             train_bf16={"bf16": True, "float32": False, "auto": None}[train_precision],
                              archive=None if no_archive else archive)
 
     def report():

@@ -21,11 +21,11 @@ from ._io import atomic_file, write_if_changed
 from .errors import SpdError
 from .evaluate import prompt_sha256
 
-KEPT = ("manifest.json", "results.json", "train/train.json", "subspace.safetensors", "random.safetensors",
+TRAIN_INFO = "train/train.json"
+KEPT = ("manifest.json", "results.json", TRAIN_INFO, "subspace.safetensors", "random.safetensors",
         "corpus_quality.json")
 KEPT_UNFINISHED = ("manifest.json", "subspace.safetensors", "random.safetensors")  # of a run not complete yet
 CORPUS, CORPUS_MANIFEST = "corpus.jsonl", "corpus.jsonl.manifest.json"
-TRAIN_INFO = "train/train.json"
 # a finished training's adapter; its config last, as it is what tells `spd run` that training is done
 ADAPTER = ("train/adapter/adapter_model.safetensors", "train/adapter/adapter_config.json")
 
@@ -40,7 +40,8 @@ def archive_run(workdir: Path, dest: Path, labels: list[str], *, complete: bool 
     evaluations of ``labels``, both without their prompts, its adapter once trained, and
     :data:`KEPT`; of a run not ``complete`` yet only its manifest (the phases' times) and what
     `spd run` skips when it is there (subspace, finished corpus, finished training, finished
-    evaluations), so the run goes on from it. Writes only what changed; returns the paths written, relative to ``dest``."""
+    evaluations), so the run goes on from it. Writes only what changed; returns the paths
+    written, relative to ``dest``."""
     from .generate import corpus_finished
 
     workdir, dest = Path(workdir), Path(dest)
