@@ -43,6 +43,18 @@ if _loader.C is not None:
         return a.new_empty((k,)), a.new_empty((a.shape[1], k))
 
 
+_CUDA_KERNELS = _loader.C is not None and bool(_loader.C.build_info()["cuda"])
+
+
+def _compiled_for(t: torch.Tensor) -> bool:
+    """Whether the compiled extension has a kernel for ``t``'s device (CPU always; CUDA when it was
+    built with its CUDA kernels; meta/fake tensors for torch.compile): else the reference runs."""
+    if _loader.C is None:
+        return False
+    kind = t.device.type
+    return kind in ("cpu", "meta") or (kind == "cuda" and _CUDA_KERNELS)
+
+
 def _refuse_grad(name: str, *tensors: torch.Tensor) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(f"spd_ext.{name} is not differentiable; call it under torch.no_grad() "
@@ -63,7 +75,7 @@ def project_rows_(x: torch.Tensor, bases: torch.Tensor, index: torch.Tensor) -> 
         index = index.to(torch.int64)
     if not bases.is_contiguous():
         bases = bases.contiguous()
-    if _loader.C is not None:
+    if _compiled_for(x):
         torch.ops.spd.project_rows_(x, bases, index)
         return x
     return reference.project_rows_(x, bases, index)
@@ -82,7 +94,7 @@ def capture_gram_(gram: torch.Tensor, grad: torch.Tensor, row_mask: torch.Tensor
         row_mask = row_mask.bool()
     if not row_mask.is_contiguous():
         row_mask = row_mask.contiguous()
-    if _loader.C is not None:
+    if _compiled_for(grad):
         torch.ops.spd.capture_gram_(gram, grad, row_mask)
         return gram
     return reference.capture_gram_(gram, grad, row_mask)
@@ -99,7 +111,7 @@ def gather_rows(x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
         row_mask = row_mask.bool()
     if not row_mask.is_contiguous():
         row_mask = row_mask.contiguous()
-    if _loader.C is not None:
+    if _compiled_for(x):
         return torch.ops.spd.gather_rows(x, row_mask)
     return reference.gather_rows(x, row_mask)
 
@@ -117,6 +129,6 @@ def rsvd(a: torch.Tensor, k: int, oversample: int = 10, niters: int = 2,
     does not apply (k = min(M, d)). Not differentiable.
     """
     _refuse_grad("rsvd", a)
-    if _loader.C is not None:
+    if _compiled_for(a):
         return tuple(torch.ops.spd.rsvd(a, k, oversample, niters, seed))
     return reference.rsvd(a, k, oversample, niters, seed)

@@ -55,6 +55,15 @@ def test_bench_tiny(name, tmp_path):
     assert readme.read_text().count(f"<!-- bench:{name}:{tag} -->") == 1 and "| x |" in readme.read_text()
 
 
+def test_capture_of_a_gpu_only_shape_is_skipped_on_cpu(tmp_path):
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["bench", "capture", "--model", "llama-3.1-8b-shape", "--device", "cpu",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    entry = json.loads(out.read_text())["benchmarks"]["capture"]
+    assert entry["rows"] == [] and entry["skipped"] == [{"what": "model llama-3.1-8b-shape", "reason": "GPU only"}]
+
+
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "r.json"

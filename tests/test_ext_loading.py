@@ -80,3 +80,37 @@ def test_build_info_describes_the_loaded_build():
     else:
         assert info["cuda_archs"] == []
     assert hasattr(torch.ops.spd, "project_rows_")
+
+
+def test_a_device_without_compiled_kernels_runs_the_reference(monkeypatch, gen):
+    """A CUDA torch with a build that has no CUDA kernels: the ops take the reference for CUDA
+    tensors (here: every tensor is treated as such) instead of failing in the dispatcher."""
+    from spd_ext import ops, reference
+
+    class OnCuda:  # stands in for a CUDA tensor (no GPU here): only its device is read
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(ops, "_CUDA_KERNELS", False)
+    assert not ops._compiled_for(OnCuda())
+    assert ops._compiled_for(torch.empty(0, device="meta")) == spd_ext.has_extension()
+    monkeypatch.setattr(ops, "_CUDA_KERNELS", True)
+    assert ops._compiled_for(OnCuda()) == spd_ext.has_extension()
+
+    calls = []
+    for name in ("project_rows_", "capture_gram_", "gather_rows", "rsvd"):
+        real = getattr(reference, name)
+        spy = (lambda _real, _name: lambda *a, **k: calls.append(_name) or _real(*a, **k))(real, name)
+        monkeypatch.setattr(reference, name, spy)
+    monkeypatch.setattr(ops, "_compiled_for", lambda t: False)
+    x = torch.randn(6, 8, generator=gen)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    bases = torch.linalg.qr(torch.randn(1, 8, 3, generator=gen)).Q
+    gram = torch.zeros(8, 8, dtype=torch.float64)
+    ops.capture_gram_(gram, x, mask)
+    assert torch.allclose(gram, (x[mask].double().T @ x[mask].double()))
+    assert torch.equal(ops.gather_rows(x, mask), x[mask])
+    want = x @ bases[0] @ bases[0].T
+    assert torch.allclose(ops.project_rows_(x.clone(), bases, torch.zeros(6, dtype=torch.long)), want, atol=1e-5)
+    s, _ = ops.rsvd(x, 2)
+    assert torch.allclose(s, torch.linalg.svdvals(x)[:2], rtol=1e-3)
+    assert calls == ["capture_gram_", "gather_rows", "project_rows_", "rsvd"]

@@ -442,7 +442,9 @@ def bench_hooks(quick, out, plot, readme, device, tiny, models, batches, prompt_
 
 
 @_bench_command("capture", [
-    click.option("--model", "-m", default=None, help="[default: the default model]"),
+    click.option("--model", "-m", default=None,
+                 help="A model name/path, or qwen2.5-0.5b-shape / llama-3.1-8b-shape (random weights, "
+                      "synthetic examples). [default: the default model]"),
     click.option("--task", "-t", default=None, help="[default: gsm8k, or arith without data]"),
     click.option("--n", type=click.IntRange(1), default=None, help="Calibration examples. [default: 50]"),
     click.option("--reps", type=click.IntRange(1), default=None),

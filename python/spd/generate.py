@@ -428,7 +428,7 @@ def generate_corpus(model, tokenizer, task, examples, out: str | Path, *, subspa
     if subspace is not None:
         from .project import default_backend
 
-        backend = backend or default_backend()
+        backend = backend or default_backend(model)
     config = CorpusConfig(
         model=model_name or getattr(model, "spd_name", "") or "", method=method,
         model_fingerprint=weights_fingerprint(model, range(get_adapter(model).n_layers)),

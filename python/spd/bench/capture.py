@@ -34,25 +34,34 @@ TARGETS = {"speedup": 1.5, "memory_ratio": 2.0}
 
 
 # -- worker ---------------------------------------------------------------------------------------
-def _synthetic(n, vocab, seed=0):
+def _synthetic(n, vocab, seed=0, lengths=(24, 40)):
+    """``n`` random examples of ``lengths`` tokens (from, to), the second half labelled, its middle
+    the answer-deciding span."""
     from ..spans import Encoded
 
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        length = int(torch.randint(24, 40, (1,), generator=gen))
+        length = int(torch.randint(*lengths, (1,), generator=gen))
         ids = torch.randint(3, vocab, (length,), generator=gen).tolist()
         start = length // 2
         out.append(Encoded(f"s{i}", ids, list(range(start + 2, length - 2)), list(range(start, length))))
     return out
 
 
-def _load(cfg, device):
-    from .hooks import random_model
+SHAPE_LENGTHS = (160, 240)  # tokens per synthetic example for a random model of a real shape (~GSM8K's)
 
-    if cfg["model"] == "tiny":
-        model = random_model("tiny", device, torch.float32)
-        return model, _synthetic(cfg["n"] + cfg["batch_size"], model.config.vocab_size), 0, "synthetic"
+
+def _load(cfg, device):
+    from .hooks import MODEL_SHAPES, random_model
+
+    if cfg["model"] in MODEL_SHAPES:  # random weights, synthetic examples: no model file, no data
+        tiny = cfg["model"] == "tiny"
+        dtype = torch.float32 if tiny or device.type != "cuda" else torch.bfloat16
+        model = random_model(cfg["model"], device, cfg.get("dtype") or dtype)
+        examples = _synthetic(cfg["n"] + cfg["batch_size"], model.config.vocab_size,
+                              lengths=(24, 40) if tiny else SHAPE_LENGTHS)
+        return model, examples, 0, "synthetic"
     from ..models import DEFAULT_MODEL, load
     from ..spans import encode_examples
     from ..tasks import get_task
@@ -171,13 +180,18 @@ def run(*, quick=False, tiny=False, device=None, model=None, task=None, n=None, 
             cfg[key] = val
     cfg["device"] = str(device)
     skipped = []
+    from .hooks import MODEL_SHAPES
+
+    if cfg["model"] in MODEL_SHAPES and MODEL_SHAPES[cfg["model"]][2] and device.type != "cuda":
+        skipped.append({"what": f"model {cfg['model']}", "reason": "GPU only"})
     if cfg["model"] == "default":
         from ..models import ALIASES, DEFAULT_MODEL
 
         if not ALIASES[DEFAULT_MODEL].installed():
             skipped.append({"what": "model default", "reason": "default model not installed"})
-            return {"quick": quick, "tiny": tiny, "config": cfg, "method": __doc__.strip(),
-                    "skipped": skipped, "runs": [], "rows": []}
+    if skipped:
+        return {"quick": quick, "tiny": tiny, "config": cfg, "method": __doc__.strip(),
+                "skipped": skipped, "runs": [], "rows": []}
     runs = []
     env = dict(os.environ, TQDM_DISABLE="1")
     with tempfile.TemporaryDirectory() as tmp:
