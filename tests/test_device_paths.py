@@ -339,7 +339,7 @@ def test_train_few_steps_on_device_writes_an_adapter_that_changes_logits(tiny_di
     # the device's defaults, recorded: activation checkpointing and whole micro-batches on a GPU;
     # bf16 autocast only for bf16 weights on a GPU, for float32 ones on a CPU with fast bf16 matmuls
     on_gpu = device == "cuda"
-    assert info["config"]["dtype"] == "float32"
+    assert info["config"]["dtype"] == "float32" and info["device"].split(":")[0] == device
     assert info["gradient_checkpointing"] is on_gpu and info["micro_batch_size"] == (2 if on_gpu else 1)
     assert info["bf16"] is (not on_gpu and fast_bf16("cpu"))
     trained = result.model

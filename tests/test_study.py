@@ -289,6 +289,10 @@ def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_pat
     assert statuses["m/math/spd"]["estimate_s"] == 2700.0
     assert any("m math/spd: would run (train, eval spd gsm8k, eval spd svamp; ~45 min)" in line for line in lines)
     assert "not estimated: the runs of other" in lines[-1] and lines[-1].startswith("[study] left: 19 of 20 runs")
+    # a resumed training whose train.json says where it resumed: its last attempt scaled to all its steps
+    (runs["m", "code/spd"].workdir(tmp_path) / "train" / "train.json").write_text(
+        '{"resumed_from": "checkpoint-6", "global_step": 10}')
+    assert phase_times(st)["m", "train"] == [300.0 * 10 / 4, 1800.0]
 
 
 def test_a_models_first_runs_are_priced_from_another_model_once_one_of_its_phases_finished(tmp_path):

@@ -583,3 +583,21 @@ def test_bad_options_refused(tiny_dir, tok, corpus, tmp_path):
         with pytest.raises(SpdError, match=msg):
             train(fresh(tiny_dir), tok, corpus, tmp_path / "x", **{**FAST, **kwargs})
     assert not (tmp_path / "x").exists()
+
+
+def test_finished_training_needs_the_record_and_both_adapter_files(tmp_path):
+    from spd.train import ADAPTER_FILES, finished_training
+
+    out = tmp_path / "train"
+    (out / "adapter").mkdir(parents=True)
+    assert not finished_training(out)  # no train.json
+    (out / "train.json").write_text(json.dumps({"finished": False, "config": {}}))
+    for name in ADAPTER_FILES:
+        (out / "adapter" / name).write_text("x")
+    assert not finished_training(out)  # the record says unfinished
+    (out / "train.json").write_text(json.dumps({"finished": True, "config": {}}))
+    assert finished_training(out)
+    (out / "adapter" / ADAPTER_FILES[-1]).unlink()
+    assert not finished_training(out)  # the adapter's config is what says it was saved whole
+    (out / "train.json").write_text("{torn")
+    assert not finished_training(out)

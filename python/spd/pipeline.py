@@ -291,7 +291,9 @@ def run(config: RunConfig, workdir: str | Path, log=print) -> Path:
         result.model.unload()  # the in-memory model back to the plain base model
         return {"train_loss": result.info.get("train_loss"), "drop_trivial": drop}
 
-    wd.phase("train", (adapter / "adapter_config.json").is_file(), train_phase, log)
+    from .train import finished_training
+
+    wd.phase("train", finished_training(train_dir), train_phase, log)
     eval_phase(config.method, adapter)
     return _write_summary(wd.path)
 

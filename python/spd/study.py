@@ -337,18 +337,37 @@ def resumed_phases(workdir: Path, phases: dict) -> set[str]:
     return out
 
 
+def _whole_training_seconds(workdir: Path, seconds: float) -> float | None:
+    """A resumed training's wall time scaled from its last attempt's steps to all of them (train.json:
+    ``resumed_from`` "checkpoint-N", ``global_step``); None when they do not say."""
+    try:
+        info = json.loads((Path(workdir) / "train" / "train.json").read_text())
+        done, total = int(str(info["resumed_from"]).rsplit("-", 1)[-1]), int(info["global_step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return seconds * total / (total - done) if 0 <= done < total else None
+
+
 def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
     """Wall seconds of every phase finished in one attempt, by (model, kind, task) and by (model, kind)
-    (see _phase_kind). A resumed phase's time is its last attempt's only, so it is left out."""
+    (see _phase_kind). A resumed phase's time is its last attempt's only, so it is left out, except a
+    resumed training's, scaled to all its steps (:func:`_whole_training_seconds`)."""
     out: dict[tuple[str, str, str], list[float]] = {}
     for run in settings.runs():
-        phases = read_phases(run.workdir(settings.root))
-        resumed = resumed_phases(run.workdir(settings.root), phases)
+        wd = run.workdir(settings.root)
+        phases = read_phases(wd)
+        resumed = resumed_phases(wd, phases)
         for name, v in phases.items():
-            if v.get("status") == "complete" and v.get("seconds") is not None and name not in resumed:
-                kind, task = _phase_kind(name, run)
-                for key in ((run.model, kind, task), (run.model, kind)):
-                    out.setdefault(key, []).append(float(v["seconds"]))
+            if v.get("status") != "complete" or v.get("seconds") is None:
+                continue
+            seconds = float(v["seconds"])
+            if name in resumed:
+                seconds = _whole_training_seconds(wd, seconds) if name == "train" else None
+                if seconds is None:
+                    continue
+            kind, task = _phase_kind(name, run)
+            for key in ((run.model, kind, task), (run.model, kind)):
+                out.setdefault(key, []).append(seconds)
     return out
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from ._io import atomic_file, write_if_changed
 from .errors import SpdError
 from .evaluate import prompt_sha256
+from .train import ADAPTER_FILES, finished_training
 
 TRAIN_INFO = "train/train.json"
 KEPT = ("manifest.json", "results.json", TRAIN_INFO, "subspace.safetensors", "random.safetensors",
@@ -27,7 +28,7 @@ KEPT = ("manifest.json", "results.json", TRAIN_INFO, "subspace.safetensors", "ra
 KEPT_UNFINISHED = ("manifest.json", "subspace.safetensors", "random.safetensors")  # of a run not complete yet
 CORPUS, CORPUS_MANIFEST = "corpus.jsonl", "corpus.jsonl.manifest.json"
 # a finished training's adapter; its config last, as it is what tells `spd run` that training is done
-ADAPTER = ("train/adapter/adapter_model.safetensors", "train/adapter/adapter_config.json")
+ADAPTER = tuple(f"train/adapter/{name}" for name in ADAPTER_FILES)
 
 
 def is_archived(dest: Path) -> bool:
@@ -82,11 +83,7 @@ def restore_run(dest: Path, workdir: Path) -> list[str]:
 
 def training_finished(workdir: Path) -> bool:
     """Whether ``workdir``'s training finished: its train.json says so and its adapter is saved."""
-    try:
-        finished = json.loads((Path(workdir) / TRAIN_INFO).read_text()).get("finished") is True
-    except (OSError, ValueError, AttributeError):
-        return False
-    return finished and all((Path(workdir) / name).is_file() for name in ADAPTER)
+    return finished_training(Path(workdir) / "train")
 
 
 def _restore_order(names: list[str]) -> list[str]:

@@ -397,6 +397,17 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # under <out>/adapter, config last
+
+
+def finished_training(out: Path, info: dict | None = None) -> bool:
+    """Whether the train folder ``out`` holds a finished run: its train.json (or ``info``, read from
+    it) says so and the adapter's files are saved."""
+    info = _read_json(Path(out) / "train.json") if info is None else info
+    return (isinstance(info, dict) and info.get("finished") is True
+            and all((Path(out) / "adapter" / name).is_file() for name in ADAPTER_FILES))
+
+
 def _out_state(out: Path, identity: dict) -> str:
     """"new", "resume" or "done" for ``out``; SpdError when it holds something else."""
     if out.exists() and not out.is_dir():
@@ -418,7 +429,7 @@ def _out_state(out: Path, identity: dict) -> str:
         what = "a finished" if info.get("finished") else "an unfinished"
         raise SpdError(f"--out {out} holds {what} run with a different configuration ({k}: {have.get(k)!r} "
                        f"there, {identity[k]!r} now): use another --out, or delete it to start over")
-    if info.get("finished") and (out / "adapter").is_dir():
+    if finished_training(out, info):
         return "done"
     return "resume"
 
@@ -661,7 +672,7 @@ def train(model, tokenizer, corpus: str | Path, out_dir: str | Path, *, epochs: 
         info = {"finished": False, "config": identity, "model": model_name or getattr(model, "spd_name", None),
                 "corpus": {"path": str(corpus.resolve()), "manifest": (manifest or {}).get("config"),
                            "manifest_finished": (manifest or {}).get("finished")},
-                "examples": counts, "global_batch": opts.batch_size * opts.grad_accum * world,
+                "examples": counts, "device": str(device), "global_batch": opts.batch_size * opts.grad_accum * world,
                 "micro_batch_size": micro, "gradient_checkpointing": bool(gradient_checkpointing), "bf16": bool(bf16),
                 "frozen_weights_bf16": bool(bf16) and dtype == torch.float32, "versions": _versions()}
         if trainer.is_world_process_zero():
