@@ -300,15 +300,12 @@ def test_gram_capture_on_device_matches_float64_cpu_autograd(tiny_dir, tok, enco
 
 # --------------------------------------------------------------------------- 4. training
 
-RECORDS = [{"id": str(i), "prompt": f"What is {i} plus {i + 1}?",
-            "completion": f"We add {i} and {i + 1}.\nThe answer is {2 * i + 1}.", "method": "spd",
-            "n_tokens": 12, "stop": "eos"} for i in range(6)]
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    from .test_train import RECORDS
+
     path = tmp_path_factory.mktemp("corpus-dev") / "corpus.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:6]))
     path.with_name(path.name + ".manifest.json").write_text(json.dumps(
         {"config": {"model": "tiny", "task": "arith", "method": "spd"}, "finished": True, "stats": {"n": 6}}))
     return path
