@@ -47,6 +47,18 @@ def test_doctor_reports_what_the_cache_holds(tmp_path, monkeypatch):
     assert f"cache:           {tmp_path} (2.9 KB, 1 converted model(s)" in text
 
 
+def test_doctor_says_when_a_gpu_has_no_compiled_kernels():
+    from spd.doctor import collect, format_report
+
+    report = collect()
+    report["cuda"] = {"available": True, "torch_cuda": "13.0", "devices": ["NVIDIA H200"]}
+    report["extension"] = dict(report["extension"], cuda=False)
+    assert "no compiled CUDA kernels: ops on GPU tensors use the PyTorch reference" in format_report(report)
+    report["extension"] = dict(report["extension"], loaded=True, cuda=True, cuda_archs=["9.0"],
+                               build_system="setuptools", torch_version="2.11.0")
+    assert "no compiled CUDA kernels" not in format_report(report)
+
+
 def test_ctrl_c_exits_130_with_one_line(monkeypatch):
     """Ctrl-C is not a failure to report with a traceback, and callers (the study) can tell it from one."""
     import spd.doctor

@@ -73,6 +73,9 @@ def format_report(r: dict) -> str:
     cuda = r["cuda"]
     lines.append("cuda:            " + (f"available: {', '.join(cuda['devices'])}" if cuda["available"]
                                       else f"not available (torch CUDA build: {cuda['torch_cuda'] or 'no'})"))
+    if cuda["available"] and not (ext["loaded"] and ext["cuda"]):
+        lines.append("                 no compiled CUDA kernels: ops on GPU tensors use the PyTorch reference "
+                     "(slower; rebuild with SPD_BUILD_CUDA=1 and nvcc)")
     lines.append("models:")
     for name, m in r["models"].items():
         state = "installed" if m["installed"] else f"not installed: {m['install']}"
