@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one call of the `device` tool (bench/README.md, "On a lent GPU"):
 #
-#   run(command="bash bench/device_check.sh", timeout_s=570)
+#   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=570)
 #
 # On the lent machine (its own python3 with torch + CUDA; nothing can be installed from a registry)
 # it builds the extension from source with its CUDA kernels, runs the op tests and the device-path
@@ -12,10 +12,34 @@
 # with the GPU's tables). Back here: copy bench.json to bench/results/<its machine tag>.json and
 # README.md over bench/README.md, and check the diff.
 #
+# Before the call, here: `bash bench/device_check.sh --prepare` puts the default model's tokenizer
+# (3.5 MB; the device-path tests need one, and no model file travels) into .device/ (git-ignored
+# through .git/info/exclude); then name it in the call: run(..., carry=[".device"]).
+#
 # A dry run of the flow on a CPU (no build, tiny sizes, the venv's python):
 #   OUT=/tmp/device-out PY=.venv/bin/python DEVICE=cpu SIZES=tiny SKIP_BUILD=1 bash bench/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+if [[ ${1:-} == --prepare ]]; then
+  set -e
+  grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >>.git/info/exclude
+  rm -rf .device/tokenizer && mkdir -p .device/tokenizer
+  ${PY:-.venv/bin/python} - <<'PY'
+import json
+import pathlib
+
+from spd.models import DEFAULT_MODEL, load_tokenizer
+
+tok = load_tokenizer(DEFAULT_MODEL)
+tok.save_pretrained(".device/tokenizer")
+# spd.models.load_tokenizer takes a transformers folder, which has a config.json
+pathlib.Path(".device/tokenizer/config.json").write_text(json.dumps({"model_type": "llama"}))
+print("prepared .device/tokenizer:", len(tok), "tokens; carry it: run(..., carry=['.device'])")
+PY
+  exit 0
+fi
+[[ -d .device/tokenizer ]] && export SPD_TEST_TOKENIZER=$PWD/.device/tokenizer
 
 : "${OUT:?set OUT to the folder for the results (the device tool sets it)}"
 PY=${PY:-python3}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 
 import pytest
 import torch
@@ -239,9 +240,12 @@ def test_preallocated_cache_on_device_holds_what_a_dynamic_cache_holds(device, g
 
 @pytest.fixture(scope="module")
 def tok():
-    """The default model's tokenizer (chat template), without loading its weights."""
+    """The default model's tokenizer (chat template), without loading its weights; from the folder
+    ``SPD_TEST_TOKENIZER`` names when set (the device check carries one: no model file travels)."""
     from spd.models import ALIASES, DEFAULT_MODEL, load_tokenizer
 
+    if os.environ.get("SPD_TEST_TOKENIZER"):
+        return load_tokenizer(os.environ["SPD_TEST_TOKENIZER"])
     if not ALIASES[DEFAULT_MODEL].installed():
         pytest.skip(f"default model not installed: `{ALIASES[DEFAULT_MODEL].install_command}`")
     return load_tokenizer(DEFAULT_MODEL)
