@@ -20,7 +20,7 @@ def has_extension() -> bool:
 
 def has_cuda_kernels() -> bool:
     """True when the compiled extension includes CUDA kernels."""
-    return has_extension() and bool(_loader.C.build_info()["cuda"])
+    return _loader.CUDA_KERNELS
 
 
 def build_info() -> dict:

@@ -22,3 +22,5 @@ else:
             RuntimeWarning,
             stacklevel=2,
         )
+
+CUDA_KERNELS = C is not None and bool(C.build_info()["cuda"])  # whether it was built with its CUDA kernels

@@ -43,16 +43,13 @@ if _loader.C is not None:
         return a.new_empty((k,)), a.new_empty((a.shape[1], k))
 
 
-_CUDA_KERNELS = _loader.C is not None and bool(_loader.C.build_info()["cuda"])
-
-
 def _compiled_for(t: torch.Tensor) -> bool:
     """Whether the compiled extension has a kernel for ``t``'s device (CPU always; CUDA when it was
     built with its CUDA kernels; meta/fake tensors for torch.compile): else the reference runs."""
     if _loader.C is None:
         return False
     kind = t.device.type
-    return kind in ("cpu", "meta") or (kind == "cuda" and _CUDA_KERNELS)
+    return kind in ("cpu", "meta") or (kind == "cuda" and _loader.CUDA_KERNELS)
 
 
 def _refuse_grad(name: str, *tensors: torch.Tensor) -> None:

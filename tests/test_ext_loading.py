@@ -85,15 +85,15 @@ def test_build_info_describes_the_loaded_build():
 def test_a_device_without_compiled_kernels_runs_the_reference(monkeypatch, gen):
     """A CUDA torch with a build that has no CUDA kernels: the ops take the reference for CUDA
     tensors (here: every tensor is treated as such) instead of failing in the dispatcher."""
-    from spd_ext import ops, reference
+    from spd_ext import _loader, ops, reference
 
     class OnCuda:  # stands in for a CUDA tensor (no GPU here): only its device is read
         device = torch.device("cuda", 0)
 
-    monkeypatch.setattr(ops, "_CUDA_KERNELS", False)
+    monkeypatch.setattr(_loader, "CUDA_KERNELS", False)
     assert not ops._compiled_for(OnCuda())
     assert ops._compiled_for(torch.empty(0, device="meta")) == spd_ext.has_extension()
-    monkeypatch.setattr(ops, "_CUDA_KERNELS", True)
+    monkeypatch.setattr(_loader, "CUDA_KERNELS", True)
     assert ops._compiled_for(OnCuda()) == spd_ext.has_extension()
 
     calls = []

@@ -34,7 +34,11 @@ TARGETS = {"speedup": 1.5, "memory_ratio": 2.0}
 
 
 # -- worker ---------------------------------------------------------------------------------------
-def _synthetic(n, vocab, seed=0, lengths=(24, 40)):
+TINY_LENGTHS = (24, 40)  # tokens per synthetic example for the tiny model
+SHAPE_LENGTHS = (160, 240)  # for a random model of a real shape (~GSM8K's)
+
+
+def _synthetic(n, vocab, seed=0, lengths=TINY_LENGTHS):
     """``n`` random examples of ``lengths`` tokens (from, to), the second half labelled, its middle
     the answer-deciding span."""
     from ..spans import Encoded
@@ -49,9 +53,6 @@ def _synthetic(n, vocab, seed=0, lengths=(24, 40)):
     return out
 
 
-SHAPE_LENGTHS = (160, 240)  # tokens per synthetic example for a random model of a real shape (~GSM8K's)
-
-
 def _load(cfg, device):
     from .hooks import MODEL_SHAPES, random_model
 
@@ -60,7 +61,7 @@ def _load(cfg, device):
         dtype = torch.float32 if tiny or device.type != "cuda" else torch.bfloat16
         model = random_model(cfg["model"], device, cfg.get("dtype") or dtype)
         examples = _synthetic(cfg["n"] + cfg["batch_size"], model.config.vocab_size,
-                              lengths=(24, 40) if tiny else SHAPE_LENGTHS)
+                              lengths=TINY_LENGTHS if tiny else SHAPE_LENGTHS)
         return model, examples, 0, "synthetic"
     from ..models import DEFAULT_MODEL, load
     from ..spans import encode_examples
