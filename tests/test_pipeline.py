@@ -56,6 +56,8 @@ def test_spd_run_resumes_after_an_interruption_in_every_phase(tiny_dir, tmp_path
     manifest = json.loads((reference / "manifest.json").read_text())
     assert {"calibrate", "generate", "train"} <= set(manifest["phases"])
     assert all(p["status"] == "complete" for p in manifest["phases"].values())
+    assert all(p["seconds"] > 0 and p["cpu_seconds"] > 0 and "paused_seconds" not in p
+               for p in manifest["phases"].values())  # wall and CPU time; never stopped
 
     workdir = tmp_path / "interrupted"
     for phase, (target, after) in PHASES.items():

@@ -293,6 +293,11 @@ def test_dry_run_lists_phases_left_and_estimates_them_from_finished_ones(tmp_pat
     (runs["m", "code/spd"].workdir(tmp_path) / "train" / "train.json").write_text(
         '{"resumed_from": "checkpoint-6", "global_step": 10}')
     assert phase_times(st)["m", "train"] == [300.0 * 10 / 4, 1800.0]
+    # the time a run was stopped (SIGSTOP) is left out of what it is priced by
+    doc = json.loads((runs["m", "code/psr"].workdir(tmp_path) / "manifest.json").read_text())
+    doc["phases"]["generate"]["paused_seconds"] = 200.0
+    (runs["m", "code/psr"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(doc))
+    assert phase_times(st)["m", "generate", "mbpp"] == [300.0]
 
 
 def test_a_models_first_runs_are_priced_from_another_model_once_one_of_its_phases_finished(tmp_path):
@@ -337,7 +342,7 @@ def test_collect_and_render(tmp_path, monkeypatch):
                     "train": {"seconds": 60, "machine": "gpu B", "attempts": 2}},
          "versions": {"spd": "0.1.0", "torch": "2.13.0", "machine": "cpu A", "spd_ext": {"loaded": True}}}))
     (by_key["code/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
-        {"phases": {"eval spd codealpaca": {"seconds": 30.0, "machine": "cpu A"}}}))
+        {"phases": {"eval spd codealpaca": {"seconds": 90.0, "paused_seconds": 60.0, "machine": "cpu A"}}}))
     got = collect(st)
     m = got["models"]["m"]
     assert m["runs"]["math/spd"]["complete"] and not m["runs"]["math/psr"]["complete"]
@@ -352,7 +357,7 @@ def test_collect_and_render(tmp_path, monkeypatch):
     assert "math/spd vs math/base" in text and "generate 2.0" in text and "![scores](results.png)" in text
     assert "…" in text  # unfinished cells are marked, not invented
     assert "| generate 2.0, train 1.0\\* | 3.0\\* | cpu A; gpu B |" in text  # resumed train marked; machines
-    assert "| code/spd | eval spd codealpaca 0.5 | 0.5 | cpu A |" in text
+    assert "| code/spd | eval spd codealpaca 0.5 | 0.5 (+1.0 paused) | cpu A |" in text  # stopped time apart
     (by_key["math/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
         {"phases": {"generate": {"seconds": 120.0, "machine": "cpu A"}}}))
     one = render(collect(st))  # every run on one machine: named once, no column

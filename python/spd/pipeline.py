@@ -1,7 +1,7 @@
 """`spd run`: the phases strung together in a workdir, each skipped when its artifact is complete.
 
     workdir/
-      manifest.json          config, versions, per-phase status, hashes and wall times
+      manifest.json          config, versions, per-phase status, hashes and times (wall, CPU, paused)
       eval/base/<task>.json  base model on the source task, its transfer task, --eval-tasks
       subspace.safetensors   (spd) phase 1, calibrated on --calib-task (default: the task), or a
                              copy of --subspace FILE (e.g. a random control)
@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ._clock import PhaseClock
 from ._io import atomic_file
 from ._version import __version__
 from .errors import SpdError
@@ -125,7 +126,8 @@ class Workdir:
             json.dump(self.manifest, fh, indent=1)
 
     def phase(self, name: str, done: bool, run, log=print) -> None:
-        """Run ``run()`` unless the phase's artifact is already complete; record the wall time.
+        """Run ``run()`` unless the phase's artifact is already complete; record its times
+        (:class:`PhaseClock`: wall seconds, CPU seconds, and seconds the process was stopped).
 
         A phase is marked "running" while it runs; one that finds that mark was interrupted before
         and resumes its partial work, so its record says ``attempts`` (> 1) and ``seconds`` is the
@@ -142,9 +144,9 @@ class Workdir:
         self.manifest["phases"][name] = {"status": "running", "attempt": attempt,
                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.save()
-        started = time.perf_counter()
-        extra = run() or {}
-        record = {"status": "complete", "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
+        with PhaseClock() as clock:
+            extra = run() or {}
+        record = {"status": "complete", **clock.record(), "machine": machine()}
         if attempt > 1:
             record["attempts"] = attempt
         self.manifest["phases"][name] = {**record, **extra}

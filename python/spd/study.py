@@ -348,19 +348,28 @@ def _whole_training_seconds(workdir: Path, seconds: float) -> float | None:
     return seconds * total / (total - done) if 0 <= done < total else None
 
 
+def running_seconds(record: dict) -> float | None:
+    """A phase record's wall seconds less the time its process was stopped (``paused_seconds``,
+    recorded by the pipeline's :class:`~spd._clock.PhaseClock`); None when it has no time."""
+    if record.get("seconds") is None:
+        return None
+    return float(record["seconds"]) - float(record.get("paused_seconds") or 0.0)
+
+
 def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
-    """Wall seconds of every phase finished in one attempt, by (model, kind, task) and by (model, kind)
-    (see _phase_kind). A resumed phase's time is its last attempt's only, so it is left out, except a
-    resumed training's, scaled to all its steps (:func:`_whole_training_seconds`)."""
+    """Wall seconds (pauses left out: :func:`running_seconds`) of every phase finished in one attempt,
+    by (model, kind, task) and by (model, kind) (see _phase_kind). A resumed phase's time is its last
+    attempt's only, so it is left out, except a resumed training's, scaled to all its steps
+    (:func:`_whole_training_seconds`)."""
     out: dict[tuple[str, str, str], list[float]] = {}
     for run in settings.runs():
         wd = run.workdir(settings.root)
         phases = read_phases(wd)
         resumed = resumed_phases(wd, phases)
         for name, v in phases.items():
-            if v.get("status") != "complete" or v.get("seconds") is None:
+            seconds = running_seconds(v)
+            if v.get("status") != "complete" or seconds is None:
                 continue
-            seconds = float(v["seconds"])
             if name in resumed:
                 seconds = _whole_training_seconds(wd, seconds) if name == "train" else None
                 if seconds is None:
@@ -652,7 +661,10 @@ def collect(settings: StudySettings) -> dict:
             if manifest.is_file():
                 doc = json.loads(manifest.read_text())
                 phases = doc.get("phases", {})
-                entry["seconds"] = {k: v.get("seconds") for k, v in phases.items() if v.get("seconds") is not None}
+                entry["seconds"] = {k: running_seconds(v) for k, v in phases.items() if v.get("seconds") is not None}
+                paused = sum(float(v.get("paused_seconds") or 0.0) for k, v in phases.items() if k in entry["seconds"])
+                if paused:
+                    entry["paused_s"] = paused
                 entry["resumed"] = sorted(resumed_phases(wd, phases) & set(entry["seconds"]))
                 entry["versions"] = doc.get("versions")
                 machines = {v["machine"] for v in phases.values() if v.get("machine")}
@@ -852,7 +864,8 @@ def render(collected: dict, *, plot: str | None = None) -> str:
             where = {key: "; ".join(runs[key].get("machines") or ["not recorded"]) for key, _ in timed}
             one = len(set(where.values())) == 1  # then named once, not on every row
             lines += [("Wall time per phase (minutes; base evaluations are done once per domain and reused; "
-                       "\\* = resumed after an interruption, the time of the last attempt only"
+                       "\\* = resumed after an interruption, the time of the last attempt only; time the run was "
+                       "stopped (SIGSTOP) is left out and shown as paused"
                        + (f"; all on {next(iter(where.values()))}):" if one else "):")), "",
                       "| run | phases | total |" + ("" if one else " machine |"),
                       "|---|---|---|" + ("" if one else "---|")]
@@ -860,6 +873,8 @@ def render(collected: dict, *, plot: str | None = None) -> str:
                 resumed = set(runs[key].get("resumed") or ())
                 phases = ", ".join(f"{k} {v / 60:.1f}" + ("\\*" if k in resumed else "") for k, v in secs.items())
                 total = f"{sum(secs.values()) / 60:.1f}" + ("\\*" if resumed else "")
+                if runs[key].get("paused_s"):
+                    total += f" (+{runs[key]['paused_s'] / 60:.1f} paused)"
                 lines.append(f"| {key} | {phases} | {total} |" + ("" if one else f" {where[key]} |"))
             lines.append("")
         lines += _provenance(runs)

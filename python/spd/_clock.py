@@ -1,0 +1,51 @@
+"""Timing long phases honestly: wall time, CPU time, and the time the process was stopped."""
+from __future__ import annotations
+
+import threading
+import time
+
+
+class PhaseClock:
+    """Wall, CPU and paused seconds of the work inside ``with PhaseClock() as clock:``.
+
+    Paused time is time this process did not run at all: stopped (SIGSTOP, Ctrl-Z) so that
+    something else had the machine. A watcher thread wakes every ``tick`` seconds; a wake-up later
+    than ``tick + slack`` means every thread was stopped, and the excess counts as paused. Being
+    slowed by other work on the same CPU is not a pause, and is not counted.
+    """
+
+    def __init__(self, tick: float = 0.5, slack: float = 2.0, now=time.monotonic):
+        self.tick, self.slack, self.now = tick, slack, now
+        self.paused_seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="spd-phase-clock", daemon=True)
+
+    def _watch(self) -> None:
+        last = self.now()
+        while True:
+            stopping = self._stop.wait(self.tick)
+            t = self.now()
+            if t - last > self.tick + self.slack:
+                self.paused_seconds += t - last - self.tick
+            last = t
+            if stopping:
+                return
+
+    def __enter__(self) -> "PhaseClock":
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.seconds = time.perf_counter() - self._wall
+        self.cpu_seconds = time.process_time() - self._cpu
+
+    def record(self) -> dict:
+        """The manifest's fields: ``seconds`` (wall), ``cpu_seconds`` (all threads of this process),
+        and ``paused_seconds`` where the process was stopped for a while."""
+        out = {"seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1)}
+        if self.paused_seconds >= 0.1:
+            out["paused_seconds"] = round(self.paused_seconds, 1)
+        return out
