@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from spd._clock import PhaseClock
+from spd._clock import PhaseClock, usable_cores
 
 CHILD = textwrap.dedent("""
     import json, sys, time
-    from spd._clock import PhaseClock
+    from spd._clock import PhaseClock, usable_cores
     with PhaseClock(tick=0.05, slack=0.5) as clock:
         print("ready", flush=True)
         sys.stdin.readline()  # until the parent says the pause is over
@@ -30,6 +30,9 @@ def test_busy_work_is_not_a_pause():
     got = clock.record()
     assert "paused_seconds" not in got and clock.paused_seconds == 0.0
     assert got["seconds"] >= 0.4 and got["cpu_seconds"] >= 0.2
+    # one busy thread: at most one core's worth of CPU per running second
+    assert got["cpu_share"] == pytest.approx(clock.cpu_seconds / clock.seconds / usable_cores(), abs=0.01)
+    assert 0.5 / usable_cores() <= got["cpu_share"] <= 1.05 / usable_cores()
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX job control signals")
@@ -50,4 +53,4 @@ def test_a_stopped_process_counts_the_stop_as_paused():
         child.wait()
     assert 1.7 <= got["paused_seconds"] <= 2.6, got
     assert got["seconds"] >= 2.6 and got["seconds"] - got["paused_seconds"] < 1.5, got
-    assert got["cpu_seconds"] < 1.0, got
+    assert got["cpu_seconds"] < 1.0 and got["cpu_share"] < 0.5, got  # it mostly waited, stopped or not

@@ -342,7 +342,8 @@ def test_collect_and_render(tmp_path, monkeypatch):
                     "train": {"seconds": 60, "machine": "gpu B", "attempts": 2}},
          "versions": {"spd": "0.1.0", "torch": "2.13.0", "machine": "cpu A", "spd_ext": {"loaded": True}}}))
     (by_key["code/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
-        {"phases": {"eval spd codealpaca": {"seconds": 90.0, "paused_seconds": 60.0, "machine": "cpu A"}}}))
+        {"phases": {"eval spd codealpaca": {"seconds": 90.0, "paused_seconds": 60.0, "cpu_share": 0.5,
+                                            "machine": "cpu A"}}}))
     got = collect(st)
     m = got["models"]["m"]
     assert m["runs"]["math/spd"]["complete"] and not m["runs"]["math/psr"]["complete"]
@@ -357,7 +358,8 @@ def test_collect_and_render(tmp_path, monkeypatch):
     assert "math/spd vs math/base" in text and "generate 2.0" in text and "![scores](results.png)" in text
     assert "…" in text  # unfinished cells are marked, not invented
     assert "| generate 2.0, train 1.0\\* | 3.0\\* | cpu A; gpu B |" in text  # resumed train marked; machines
-    assert "| code/spd | eval spd codealpaca 0.5 | 0.5 (+1.0 paused) | cpu A |" in text  # stopped time apart
+    # stopped time apart; under 3/4 of the cores while it ran: marked
+    assert "| code/spd | eval spd codealpaca 0.5† | 0.5 (+1.0 paused) | cpu A |" in text
     (by_key["math/spd"].workdir(tmp_path) / "manifest.json").write_text(json.dumps(
         {"phases": {"generate": {"seconds": 120.0, "machine": "cpu A"}}}))
     one = render(collect(st))  # every run on one machine: named once, no column

@@ -1,6 +1,7 @@
 """Timing long phases honestly: wall time, CPU time, and the time the process was stopped."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -44,8 +45,18 @@ class PhaseClock:
 
     def record(self) -> dict:
         """The manifest's fields: ``seconds`` (wall), ``cpu_seconds`` (all threads of this process),
-        and ``paused_seconds`` where the process was stopped for a while."""
+        ``paused_seconds`` where the process was stopped for a while, and ``cpu_share``: CPU seconds
+        per running second and usable core (near 1 for work that had the machine to itself, lower
+        where other work took cores, or where the work itself waited or ran on one thread)."""
         out = {"seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1)}
         if self.paused_seconds >= 0.1:
             out["paused_seconds"] = round(self.paused_seconds, 1)
+        running = self.seconds - self.paused_seconds
+        if running > 0:
+            out["cpu_share"] = round(self.cpu_seconds / running / usable_cores(), 2)
         return out
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

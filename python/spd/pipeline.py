@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ._clock import PhaseClock
+from ._clock import PhaseClock, usable_cores
 from ._io import atomic_file
 from ._version import __version__
 from .errors import SpdError
@@ -170,7 +170,7 @@ def machine() -> str:
         cpu += " with AMX" if "amx_bf16" in flags else ""
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     try:
         memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
     except (ValueError, OSError, AttributeError):

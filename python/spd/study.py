@@ -348,6 +348,8 @@ def _whole_training_seconds(workdir: Path, seconds: float) -> float | None:
     return seconds * total / (total - done) if 0 <= done < total else None
 
 
+SHARED_CPU = 0.75  # a phase whose CPU seconds per running second and core (cpu_share) fall below this shared the machine
+
 def running_seconds(record: dict) -> float | None:
     """A phase record's wall seconds less the time its process was stopped (``paused_seconds``,
     recorded by the pipeline's :class:`~spd._clock.PhaseClock`); None when it has no time."""
@@ -665,6 +667,8 @@ def collect(settings: StudySettings) -> dict:
                 paused = sum(float(v.get("paused_seconds") or 0.0) for k, v in phases.items() if k in entry["seconds"])
                 if paused:
                     entry["paused_s"] = paused
+                entry["shared_cpu"] = sorted(k for k, v in phases.items()
+                                             if k in entry["seconds"] and (v.get("cpu_share") or 1.0) < SHARED_CPU)
                 entry["resumed"] = sorted(resumed_phases(wd, phases) & set(entry["seconds"]))
                 entry["versions"] = doc.get("versions")
                 machines = {v["machine"] for v in phases.values() if v.get("machine")}
@@ -865,13 +869,16 @@ def render(collected: dict, *, plot: str | None = None) -> str:
             one = len(set(where.values())) == 1  # then named once, not on every row
             lines += [("Wall time per phase (minutes; base evaluations are done once per domain and reused; "
                        "\\* = resumed after an interruption, the time of the last attempt only; time the run was "
-                       "stopped (SIGSTOP) is left out and shown as paused"
+                       "stopped (SIGSTOP) is left out and shown as paused; † = had under "
+                       f"{SHARED_CPU:.0%} of the CPU's cores while it ran (other work beside it)"
                        + (f"; all on {next(iter(where.values()))}):" if one else "):")), "",
                       "| run | phases | total |" + ("" if one else " machine |"),
                       "|---|---|---|" + ("" if one else "---|")]
             for key, secs in timed:
                 resumed = set(runs[key].get("resumed") or ())
-                phases = ", ".join(f"{k} {v / 60:.1f}" + ("\\*" if k in resumed else "") for k, v in secs.items())
+                shared = set(runs[key].get("shared_cpu") or ())
+                phases = ", ".join(f"{k} {v / 60:.1f}" + ("\\*" if k in resumed else "") + ("†" if k in shared else "")
+                                   for k, v in secs.items())
                 total = f"{sum(secs.values()) / 60:.1f}" + ("\\*" if resumed else "")
                 if runs[key].get("paused_s"):
                     total += f" (+{runs[key]['paused_s'] / 60:.1f} paused)"
