@@ -13,7 +13,7 @@ from spd._clock import PhaseClock, usable_cores
 
 CHILD = textwrap.dedent("""
     import json, sys, time
-    from spd._clock import PhaseClock, usable_cores
+    from spd._clock import PhaseClock
     with PhaseClock(tick=0.05, slack=0.5) as clock:
         print("ready", flush=True)
         sys.stdin.readline()  # until the parent says the pause is over

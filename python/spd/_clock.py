@@ -15,17 +15,17 @@ class PhaseClock:
     slowed by other work on the same CPU is not a pause, and is not counted.
     """
 
-    def __init__(self, tick: float = 0.5, slack: float = 2.0, now=time.monotonic):
-        self.tick, self.slack, self.now = tick, slack, now
+    def __init__(self, tick: float = 0.5, slack: float = 2.0):
+        self.tick, self.slack = tick, slack
         self.paused_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="spd-phase-clock", daemon=True)
 
     def _watch(self) -> None:
-        last = self.now()
+        last = time.monotonic()
         while True:
             stopping = self._stop.wait(self.tick)
-            t = self.now()
+            t = time.monotonic()
             if t - last > self.tick + self.slack:
                 self.paused_seconds += t - last - self.tick
             last = t

@@ -350,6 +350,7 @@ def _whole_training_seconds(workdir: Path, seconds: float) -> float | None:
 
 SHARED_CPU = 0.75  # a phase whose CPU seconds per running second and core (cpu_share) fall below this shared the machine
 
+
 def running_seconds(record: dict) -> float | None:
     """A phase record's wall seconds less the time its process was stopped (``paused_seconds``,
     recorded by the pipeline's :class:`~spd._clock.PhaseClock`); None when it has no time."""
