@@ -37,6 +37,15 @@ tok.save_pretrained(".device/tokenizer")
 pathlib.Path(".device/tokenizer/config.json").write_text(json.dumps({"model_type": "llama"}))
 print("prepared .device/tokenizer:", len(tok), "tokens; carry it: run(..., carry=['.device'])")
 PY
+  # the device tool carries the working tree (tracked and untracked, not ignored) plus .device: 64 MiB at most
+  tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+  mib=$(( (${tree:-0} + $(du -sb .device | cut -f1)) / 1048576 ))
+  if (( mib >= 60 )); then
+    echo "the call would carry ${mib} MiB, over the device tool's 64 MiB (less a margin): stop whatever commits" \
+         "(the study's autocommit), move bench/results/study/ out of the checkout for the call, and back after" >&2
+    exit 1
+  fi
+  echo "the call will carry ${mib} MiB of the device tool's 64 MiB"
   exit 0
 fi
 [[ -d .device/tokenizer ]] && export SPD_TEST_TOKENIZER=$PWD/.device/tokenizer
