@@ -49,6 +49,8 @@ PY
   exit 0
 fi
 [[ -d .device/tokenizer ]] && export SPD_TEST_TOKENIZER=$PWD/.device/tokenizer
+# a chunk of the study's model carried along (bench/device_study.sh) goes to the machine's /tmp
+[[ -f .device/study/chunks.sha256 ]] && bash bench/device_study.sh --receive
 
 : "${OUT:?set OUT to the folder for the results (the device tool sets it)}"
 PY=${PY:-python3}

@@ -2,7 +2,7 @@
 out-of-domain row, the loss ablation, QA again with the training loss on the completions only
 and SPD on math with a random subspace in place of the calibrated one (both beyond the paper;
 `--no-completion-only-qa`, `--no-controls` leave them out), for each model; then docs/RESULTS.md
-(between its study markers) and docs/results.png. Resumable: stop it at any point and run the same
+(between its study markers) and docs/results.png (the plot is named after --doc). Resumable: stop it at any point and run the same
 command again.
 
     python bench/study.py                          # run (or resume) everything, refresh the document
@@ -81,7 +81,7 @@ def main(root, models, domains, n_train, epochs, batch_size, train_precision, co
             rescore_tree(settings.root, log=click.echo)
         archive_finished(settings, log=click.echo)
         collected = collect(settings)
-        png = plot_scores(collected, doc.with_name("results.png"))
+        png = plot_scores(collected, doc.with_name(doc.stem.lower() + ".png"))  # RESULTS.md: results.png
         try:
             plot = png.relative_to(doc.parent).as_posix() if png else None
         except ValueError:

