@@ -52,7 +52,7 @@ if [[ ${1:-} == --prepare ]]; then
   set -e
   PY=${PY:-.venv/bin/python}
   grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >>.git/info/exclude
-  CHUNK_MIB=${CHUNK_MIB:-56}
+  CHUNK_MIB=${CHUNK_MIB:-54}
   tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
   tree_mib=$(( ${tree:-0} / 1048576 + 1 ))
   if (( tree_mib + CHUNK_MIB > 62 )); then
