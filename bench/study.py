@@ -2,8 +2,8 @@
 out-of-domain row, the loss ablation, QA again with the training loss on the completions only
 and SPD on math with a random subspace in place of the calibrated one (both beyond the paper;
 `--no-completion-only-qa`, `--no-controls` leave them out), for each model; then docs/RESULTS.md
-(between its study markers) and docs/results.png (the plot is named after --doc). Resumable: stop it at any point and run the same
-command again.
+(between its study markers) and docs/results.png (the plot is named after --doc). Resumable: stop
+it at any point and run the same command again.
 
     python bench/study.py                          # run (or resume) everything, refresh the document
     python bench/study.py --dry-run                # what is left: phases, time estimate, `spd run` command

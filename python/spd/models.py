@@ -75,14 +75,18 @@ class PackagedGGUF:
         except SpdError:
             return self.assembled() is not None
 
+    def cached_file(self) -> tuple[Path, Path]:
+        """(the assembled file's place in the cache, the marker holding the sha256 it was verified with)."""
+        target = cache_root() / "gguf" / self.filename
+        return target, target.with_name(target.name + ".verified")
+
     def assembled(self) -> Path | None:
         """The assembled file in the cache when its sha256 is the expected one, parts installed or not
         (a machine without the packages can be given the file: ``$SPD_CACHE_DIR/gguf/<filename>``).
         A copy not yet verified is hashed once; a wrong one is left for :meth:`gguf_path` to replace."""
         if self.sha256 is None:
             return None
-        target = cache_root() / "gguf" / self.filename
-        marker = target.with_name(target.name + ".verified")
+        target, marker = self.cached_file()
         if not target.is_file():
             return None
         if marker.is_file() and marker.read_text().strip() == self.sha256:
@@ -101,15 +105,14 @@ class PackagedGGUF:
         try:
             paths = self.part_paths()
         except SpdError as exc:
-            target = cache_root() / "gguf" / self.filename
-            if target.is_file():
+            target, _ = self.cached_file()
+            if self.sha256 is not None and target.is_file():
                 raise SpdError(f"{target} is not {self.filename} (size or sha256 differ) and its parts are not "
                                f"installed: replace the file, or install them with `{self.install_command}`") from None
             raise exc
         if len(paths) == 1 and self.sha256 is None:
             return paths[0]
-        target = cache_root() / "gguf" / self.filename
-        marker = target.with_name(target.name + ".verified")
+        target, marker = self.cached_file()
         log.info("assembling %s from %d parts", self.filename, len(paths))
         digest = hashlib.sha256()
         with atomic_file(target) as out:
