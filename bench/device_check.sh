@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one call of the `device` tool (bench/README.md, "On a lent GPU"):
 #
-#   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=570)
+#   run(command="bash bench/device_check.sh", carry=[".device/tokenizer"], timeout_s=570)
 #
 # On the lent machine (its own python3 with torch + CUDA; nothing can be installed from a registry)
 # it builds the extension from source with its CUDA kernels, runs the op tests and the device-path
@@ -13,8 +13,9 @@
 # README.md over bench/README.md, and check the diff.
 #
 # Before the call, here: `bash bench/device_check.sh --prepare` puts the default model's tokenizer
-# (3.5 MB; the device-path tests need one, and no model file travels) into .device/ (git-ignored
-# through .git/info/exclude); then name it in the call: run(..., carry=[".device"]).
+# (3.5 MB; the device-path tests need one, and no model file travels) into .device/tokenizer
+# (git-ignored through .git/info/exclude) and prints the call, with what it carries: the tokenizer,
+# and the study's first model chunk where bench/device_study.sh --prepare has made them.
 #
 # A dry run of the flow on a CPU (no build, tiny sizes, the venv's python):
 #   OUT=/tmp/device-out PY=.venv/bin/python DEVICE=cpu SIZES=tiny SKIP_BUILD=1 bash bench/device_check.sh
@@ -35,17 +36,20 @@ tok = load_tokenizer(DEFAULT_MODEL)
 tok.save_pretrained(".device/tokenizer")
 # spd.models.load_tokenizer takes a transformers folder, which has a config.json
 pathlib.Path(".device/tokenizer/config.json").write_text(json.dumps({"model_type": "llama"}))
-print("prepared .device/tokenizer:", len(tok), "tokens; carry it: run(..., carry=['.device'])")
+print("prepared .device/tokenizer:", len(tok), "tokens")
 PY
-  # the device tool carries the working tree (tracked and untracked, not ignored) plus .device: 64 MiB at most
-  tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-  mib=$(( (${tree:-0} + $(du -sb .device | cut -f1)) / 1048576 ))
+  # the call carries the working tree (tracked and untracked, not ignored) and these: 64 MiB at most
+  carry=(.device/tokenizer)
+  [[ -f .device/study/chunks.sha256 ]] && carry+=(.device/study/chunks.sha256 .device/study/chunks/00)
+  mib=$(bash bench/device_tree.sh mib "${carry[@]}")
   if (( mib >= 60 )); then
-    echo "the call would carry ${mib} MiB, over the device tool's 64 MiB (less a margin): stop whatever commits" \
-         "(the study's autocommit), move bench/results/study/ out of the checkout for the call, and back after" >&2
+    echo "the call would carry ${mib} MiB, over the device tool's 64 MiB (less a margin): move the study's" \
+         "archive out of the tree for the call (bash bench/device_tree.sh stash; see its header)" >&2
     exit 1
   fi
-  echo "the call will carry ${mib} MiB of the device tool's 64 MiB"
+  printf -v list '"%s", ' "${carry[@]}"
+  echo "the call will carry ${mib} MiB of the device tool's 64 MiB:"
+  echo "  run(command=\"bash bench/device_check.sh\", carry=[${list%, }], timeout_s=570)"
   exit 0
 fi
 [[ -d .device/tokenizer ]] && export SPD_TEST_TOKENIZER=$PWD/.device/tokenizer

@@ -23,7 +23,7 @@
 #       --archive bench/results/study-gpu --doc docs/RESULTS-gpu.md --batch-size 256
 #
 # The working tree travels with every call: move the CPU study's archive (bench/results/study/) out of
-# the checkout for these calls (SIGSTOP the study and anything that commits first) and back after;
+# it for these calls and back after (bash bench/device_tree.sh stash / unstash; see its header);
 # --prepare refuses chunks that would not fit beside the tree.
 # A check of the flow here, without a GPU (the study's --dry-run instead of the runs):
 #   bash bench/device_study.sh --prepare && OUT=/tmp/ds-out PY=.venv/bin/python DRY=1 bash bench/device_study.sh
@@ -53,12 +53,11 @@ if [[ ${1:-} == --prepare ]]; then
   PY=${PY:-.venv/bin/python}
   grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >>.git/info/exclude
   CHUNK_MIB=${CHUNK_MIB:-54}
-  tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-  tree_mib=$(( ${tree:-0} / 1048576 + 1 ))
+  tree_mib=$(bash bench/device_tree.sh mib)
   if (( tree_mib + CHUNK_MIB > 62 )); then
     echo "the working tree is ${tree_mib} MiB: with ${CHUNK_MIB} MiB chunks a call would pass the device tool's" \
-         "64 MiB. Move bench/results/study/ out of the checkout for the calls (SIGSTOP the study and whatever" \
-         "commits first), or set CHUNK_MIB lower (more calls)" >&2
+         "64 MiB. Move the CPU study's archive out of the tree for the calls (bash bench/device_tree.sh stash;" \
+         "see its header), or set CHUNK_MIB lower (more calls)" >&2
     exit 1
   fi
   rm -rf "$STUDY" && mkdir -p "$STUDY/chunks" "$STUDY/whl" "$STUDY/data"
@@ -71,10 +70,10 @@ if [[ ${1:-} == --prepare ]]; then
   $PY -m pip download -q --no-deps --only-binary=:all: -d "$STUDY/whl" \
       "gguf==$($PY -c 'import importlib.metadata as m; print(m.version("gguf"))')"
   n=$(wc -l <"$STUDY/chunks.sha256"); last=$(printf '%02d' $((n - 1)))
-  final_mib=$(( tree_mib + $(du -smc "$STUDY/chunks/$last" "$STUDY/data" "$STUDY/whl" | tail -1 | cut -f1) ))
+  final_mib=$(bash bench/device_tree.sh mib "$STUDY/chunks.sha256" "$STUDY/chunks/$last" "$STUDY/data" "$STUDY/whl")
   if (( final_mib > 62 )); then
-    echo "the last call would carry ${final_mib} MiB, over the device tool's 64 MiB: move bench/results/study/" \
-         "out of the checkout first" >&2
+    echo "the last call would carry ${final_mib} MiB, over the device tool's 64 MiB: move the CPU study's" \
+         "archive out of the tree first (bash bench/device_tree.sh stash)" >&2
     exit 1
   fi
   echo "prepared $STUDY: $n chunks of ${CHUNK_MIB} MiB (tree ${tree_mib} MiB), data $(du -sh "$STUDY/data" | cut -f1)," \
