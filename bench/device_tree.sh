@@ -26,6 +26,8 @@ tree_bytes() {  # the working tree as the device tool sees it, plus the paths gi
   echo $(( ${tree:-0} + extra ))
 }
 
+mib() { echo $(( ($1 + 1048575) / 1048576 )); }  # bytes to MiB, rounded up
+
 study_running() {  # pids of this checkout's bench/study.py processes that are not stopped
   local pid arg script
   for pid in $(pgrep -f 'bench/study\.py' || true); do
@@ -44,7 +46,7 @@ case ${1:-} in
   mib)
     shift
     for p in "$@"; do [[ -e $p ]] || { echo "device_tree: no such path to carry: $p" >&2; exit 2; }; done
-    echo $(( ($(tree_bytes "$@") + 1048575) / 1048576 ))
+    mib "$(tree_bytes "$@")"
     ;;
   stash)
     [[ -e $STASH ]] && { echo "device_tree: $STASH already holds a stashed archive: unstash it first" >&2; exit 1; }
@@ -60,7 +62,7 @@ case ${1:-} in
       exit 1
     fi
     mkdir -p "$STASH" && mv "$ARCHIVE" "$STASH/archive" && echo "$ARCHIVE" >"$STASH/path"
-    echo "stashed $ARCHIVE in $STASH; the tree is now $(( $(tree_bytes) / 1048576 + 1 )) MiB." \
+    echo "stashed $ARCHIVE in $STASH; the tree is now $(mib "$(tree_bytes)") MiB." \
          "Commit nothing under bench/results/ until: bash bench/device_tree.sh unstash"
     ;;
   unstash)
