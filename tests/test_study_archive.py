@@ -210,3 +210,34 @@ def test_study_script_report_restores_from_the_archive(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "restored the finished run of m/math/base" in proc.stdout
     assert "| Base (ours) | … | … | 100.0 [" in doc.read_text()
+
+
+def test_dry_run_on_a_new_machine_reads_progress_and_times_from_the_archive(tmp_path):
+    """Before the study has put the archive back, --dry-run prices what is left from the archived
+    manifests and counts an archived unfinished run's finished corpus as done."""
+    st = StudySettings(root=tmp_path / "runs", models=("m",), domains=("math",), ood=False, ablation=False,
+                       controls=False, archive=tmp_path / "archive")
+    runs = {r.key: r for r in st.runs()}
+
+    def archived(key, phases, *, finished=False):
+        dest = st.archive / "m" / key
+        dest.mkdir(parents=True)
+        (dest / "manifest.json").write_text(json.dumps({"phases": {
+            name: {"status": "complete", "seconds": s} for name, s in phases.items()}}))
+        if finished:
+            (dest / "results.json").write_text("{}")
+        return dest
+
+    archived("math/spd", {"calibrate": 60.0, "generate": 1200.0, "train": 3000.0, "eval spd gsm8k": 700.0,
+                          "eval spd svamp": 500.0}, finished=True)
+    psr = archived("math/psr", {"generate": 900.0})
+    (psr / "corpus.jsonl.manifest.json").write_text(json.dumps({"finished": True}))
+    statuses = {s["run"]: s for s in run_study(st, only=["psr"], dry_run=True, log=lambda *_: None)}
+    assert statuses["m/math/psr"]["phases_left"] == ["train", "eval psr gsm8k", "eval psr svamp"]
+    assert statuses["m/math/psr"]["estimate_s"] == 3000.0 + 700.0 + 500.0
+    assert not st.root.exists()  # still a dry run: nothing written
+    # once a run folder has a manifest of its own, it is what counts
+    wd = runs["math/psr"].workdir(st.root)
+    wd.mkdir(parents=True)
+    (wd / "manifest.json").write_text(json.dumps({"phases": {}}))
+    assert phases_left(st, runs["math/psr"]) == ["generate", "train", "eval psr gsm8k", "eval psr svamp"]

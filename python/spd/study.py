@@ -297,8 +297,9 @@ def _phase_kind(name: str, run: StudyRun) -> tuple[str, str]:
 
 def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
     """The phases of ``run`` that are not complete yet (names as in its manifest, or, as ``spd run``
-    skips them, with their artifact in place: a subspace file, a finished corpus, an adapter). The base model's
-    evaluations of a method run are left out: they are copied from the domain's base run."""
+    skips them, with their artifact in place: a subspace file, a finished corpus, an adapter), read from
+    :func:`state_dir`. The base model's evaluations of a method run are left out: they are copied from
+    the domain's base run."""
     from .generate import corpus_finished
     from .study_archive import training_finished
 
@@ -307,12 +308,22 @@ def phases_left(settings: StudySettings, run: StudyRun) -> list[str]:
     if run.completion_only:
         names = [n for n in names if n == "train"]  # calibration and corpus come from the source run
     names += [f"eval {label} {task}" for task in DOMAINS[run.domain]]
-    wd = run.workdir(settings.root)
+    wd = state_dir(settings, run)
     done = {k for k, v in read_phases(wd).items() if v.get("status") == "complete"}
-    done |= {"calibrate"} if subspace_path(settings, run.model, run.key).is_file() else set()
+    done |= {"calibrate"} if (wd / "subspace.safetensors").is_file() or subspace_path(
+        settings, run.model, run.key).is_file() else set()
     done |= {"generate"} if corpus_finished(wd / "corpus.jsonl") else set()
     done |= {"train"} if training_finished(wd) else set()
     return [n for n in names if n not in done]
+
+
+def state_dir(settings: StudySettings, run: StudyRun) -> Path:
+    """Where ``run``'s progress is read from: its run folder, or, where that has no manifest yet (a new
+    machine before the study has put the archive back), its archived copy when that has one."""
+    wd, kept = run.workdir(settings.root), archive_dir(settings, run)
+    if (wd / "manifest.json").is_file() or kept is None or not (kept / "manifest.json").is_file():
+        return wd
+    return kept
 
 
 def read_phases(workdir: Path) -> dict:
@@ -366,7 +377,7 @@ def phase_times(settings: StudySettings) -> dict[tuple, list[float]]:
     (:func:`_whole_training_seconds`)."""
     out: dict[tuple[str, str, str], list[float]] = {}
     for run in settings.runs():
-        wd = run.workdir(settings.root)
+        wd = state_dir(settings, run)
         phases = read_phases(wd)
         resumed = resumed_phases(wd, phases)
         for name, v in phases.items():
@@ -471,7 +482,8 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             seconds, unknown, scaled = estimate_left(settings, run, times, left)
             guess = "not estimated" if unknown else f"~{_duration(seconds)}" + (
                 f", {len(scaled)} phase{'s' * (len(scaled) > 1)} scaled from another model" if scaled else "")
-            begun = {k: v.get("started") for k, v in read_phases(wd).items() if v.get("status") == "running"}
+            begun = {k: v.get("started") for k, v in read_phases(state_dir(settings, run)).items()
+                     if v.get("status") == "running"}
             shown = [f"{n} (begun {begun[n]})" if begun.get(n) else n for n in left]
             log(f"{label}: would run ({', '.join(shown) or 'finishing'}; {guess}): {' '.join(cmd)}")
             statuses.append({"run": f"{run.model}/{run.key}", "status": "todo", "phases_left": left,
