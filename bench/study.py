@@ -15,9 +15,11 @@ Before each refresh, finished exact-match evaluations are re-scored from their s
 
 Runs are also kept in bench/results/study/ as their phases finish (tracked in git;
 spd.study_archive): their manifests, scores, per-example evaluations, corpora, subspaces and LoRA
-adapters, without checkpoints and with each prompt replaced by its hash. On a new machine the study
-and --report put them back into --root, so commit that folder as runs finish and nothing finished
-is lost with the machine.
+adapters, without checkpoints and with each prompt replaced by its hash; when the study is stopped,
+also the work in progress (an unfinished training's newest checkpoint, an unfinished corpus or
+evaluation's finished batches) until its phase finishes. On a new machine the study and --report
+put them back into --root, so commit that folder as runs finish and when the study stops, and
+nothing finished is lost with the machine.
 """
 from __future__ import annotations
 

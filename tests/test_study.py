@@ -187,6 +187,36 @@ def test_stopping_the_study_stops_its_run(tmp_path, monkeypatch):
     assert "interrupted (exit 130); the same command resumes it" in lines[-1]
 
 
+def test_a_stopped_training_leaves_its_checkpoint_in_the_archive(tmp_path, monkeypatch):
+    """The run's own Ctrl-C checkpoints its training step; the study then keeps that checkpoint in
+    the archive (in git), so a new machine resumes the training instead of beginning it again."""
+    st = StudySettings(root=tmp_path / "runs", models=("m",), domains=("math",), ood=False, ablation=False,
+                       controls=False, archive=tmp_path / "archive")
+    wd = st.runs()[2].workdir(st.root)  # math/psr
+
+    class FakeRun:
+        def __init__(self, argv, **kw):
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return 130
+
+        def send_signal(self, sig):  # what `spd train` does on Ctrl-C: checkpoint the step, then exit
+            c = wd / "train" / "checkpoints" / "checkpoint-3"
+            c.mkdir(parents=True)
+            (wd / "train" / "train.json").write_text('{"finished": false, "config": {}}')
+            (c / "trainer_state.json").write_text('{"global_step": 3}')
+
+    monkeypatch.setattr("spd.study.subprocess.Popen", FakeRun)
+    monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
+    assert [s["status"] for s in run_study(st, only=["math/psr"], log=lambda *_: None)] == ["interrupted"]
+    kept = st.archive / "m" / "math" / "psr" / "train"
+    assert (kept / "train.json").is_file() and (kept / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+
+
 def test_runs_with_evaluations_made_on_old_prompts_are_run_again(tmp_path, monkeypatch):
     """A finished run whose saved evaluation has other prompts than its task gives now is not complete
     for the study (`spd run` makes that evaluation again); a base evaluation made again is copied

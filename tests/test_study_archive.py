@@ -241,3 +241,71 @@ def test_dry_run_on_a_new_machine_reads_progress_and_times_from_the_archive(tmp_
     wd.mkdir(parents=True)
     (wd / "manifest.json").write_text(json.dumps({"phases": {}}))
     assert phases_left(st, runs["math/psr"]) == ["generate", "train", "eval psr gsm8k", "eval psr svamp"]
+
+
+def test_an_archived_checkpoint_replaces_older_ones_and_a_torn_copy(tmp_path):
+    """Of an unfinished training the archive holds one checkpoint, the newest; restoring it never
+    touches a whole checkpoint in the run folder but replaces one cut short."""
+    wd, dest, new = tmp_path / "run", tmp_path / "archive", tmp_path / "new"
+    (wd / "train").mkdir(parents=True)
+    (wd / "train" / "train.json").write_text('{"finished": false, "config": {}}')
+
+    def checkpoint(folder, step, state=True):
+        c = folder / "train" / "checkpoints" / f"checkpoint-{step}"
+        c.mkdir(parents=True, exist_ok=True)
+        (c / "optimizer.pt").write_bytes(bytes([step]) * 64)
+        if state:
+            (c / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+    checkpoint(wd, 4)
+    checkpoint(wd, 8)
+    checkpoint(wd, 12, state=False)  # being written when the run was stopped: not a checkpoint yet
+    archive_run(wd, dest, labels=[], complete=False, in_progress=True)
+    assert [p.name for p in (dest / "train" / "checkpoints").iterdir()] == ["checkpoint-8"]
+    checkpoint(wd, 12)
+    written = archive_run(wd, dest, labels=[], complete=False, in_progress=True)
+    assert "train/checkpoints/checkpoint-8/ (removed)" in written
+    assert [p.name for p in (dest / "train" / "checkpoints").iterdir()] == ["checkpoint-12"]
+    checkpoint(new, 4)
+    (new / "train" / "checkpoints" / "checkpoint-12").mkdir()
+    (new / "train" / "checkpoints" / "checkpoint-12" / "optimizer.pt").write_bytes(b"torn")
+    written = restore_run(dest, new)
+    assert written[0] == "train/train.json" and written[-1] == "train/checkpoints/checkpoint-12/trainer_state.json"
+    for name in ("optimizer.pt", "trainer_state.json"):
+        got = new / "train" / "checkpoints" / "checkpoint-12" / name
+        assert got.read_bytes() == (wd / "train" / "checkpoints" / "checkpoint-12" / name).read_bytes()
+    (new / "train" / "checkpoints" / "checkpoint-12" / "optimizer.pt").write_bytes(b"changed by the run")
+    assert restore_run(dest, new) == []  # a whole checkpoint there is the run's own: left alone
+
+
+def test_work_in_progress_is_kept_when_asked_and_dropped_once_finished(corpus_run, tmp_path):
+    """Stopped mid-phase: an unfinished corpus (prompts hashed) and an unfinished evaluation's
+    finished batches go into the archive, whole lines only, and come back byte for byte; once the
+    evaluation is saved, its partial file leaves the archive."""
+    import shutil
+
+    wd, task, examples = corpus_run
+    run = tmp_path / "run"
+    (run / "eval" / "spd").mkdir(parents=True)
+    lines = (wd / "corpus.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "corpus.jsonl").write_bytes(b"".join(lines[:3]) + lines[3][:20])  # the 4th line cut mid-write
+    manifest = json.loads((wd / "corpus.jsonl.manifest.json").read_text())
+    (run / "corpus.jsonl.manifest.json").write_text(json.dumps({**manifest, "finished": False}))
+    partial = run / "eval" / "spd" / "arith.json.partial.jsonl"
+    partial.write_bytes(b'{"id": "1", "key": "k", "completion": "7", "n_tokens": 1, "stop": "eos"}\n{"id": "2", "ke')
+    dest = tmp_path / "archive"
+    assert archive_run(run, dest, labels=["spd"], complete=False) == []
+    written = archive_run(run, dest, labels=["spd"], complete=False, in_progress=True)
+    assert sorted(written) == ["corpus.jsonl", "corpus.jsonl.manifest.json", "eval/spd/arith.json.partial.jsonl"]
+    kept = b"".join(p.read_bytes() for p in dest.rglob("*") if p.is_file())
+    assert all(task.prompt(ex).encode() not in kept for ex in examples)
+    new = tmp_path / "new"
+    restore_run(dest, new)
+    assert (new / "corpus.jsonl").read_bytes() == b"".join(lines[:3])
+    assert (new / "eval" / "spd" / "arith.json.partial.jsonl").read_bytes() == partial.read_bytes().splitlines(
+        keepends=True)[0]
+    shutil.copy(wd / "eval" / "spd" / "arith.json", run / "eval" / "spd" / "arith.json")  # the evaluation is saved
+    partial.unlink()
+    written = archive_run(run, dest, labels=["spd"], complete=False)
+    assert "eval/spd/arith.json.partial.jsonl (removed)" in written and "eval/spd/arith.json" in written
+    assert not (dest / "eval" / "spd" / "arith.json.partial.jsonl").exists()

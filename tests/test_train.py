@@ -225,6 +225,35 @@ def test_resume_equals_uninterrupted(tiny_dir, tok, corpus, tmp_path):
     assert [e["loss"] for e in resumed.info["loss_history"]] == [e["loss"] for e in whole.info["loss_history"]]
 
 
+def test_a_checkpoint_kept_in_the_study_archive_resumes_on_a_new_machine(tiny_dir, tok, corpus, tmp_path):
+    """The study keeps a stopped training's newest checkpoint in its archive (spd.study_archive); put
+    back into an empty folder, the training goes on from it to the adapter of an uninterrupted run,
+    and once finished the archive drops the checkpoint."""
+    from spd.study_archive import archive_run, restore_run
+
+    opts = dict(FAST, lora_dropout=0.1)
+    whole = tmp_path / "whole"
+    train(fresh(tiny_dir), tok, corpus, whole / "train", **opts)
+    old, archive, new = tmp_path / "old", tmp_path / "archive", tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(tiny_dir), tok, corpus, old / "train", callbacks=[Kill(6)], **opts)
+    assert sorted(p.name for p in (old / "train" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert archive_run(old, archive, labels=[], complete=False) == []  # only when asked
+    kept = archive_run(old, archive, labels=[], complete=False, in_progress=True)
+    assert "train/train.json" in kept and kept[-1] == "train/checkpoints/checkpoint-6/trainer_state.json"
+    assert [p.name for p in (archive / "train" / "checkpoints").iterdir()] == ["checkpoint-6"]
+    restore_run(archive, new)
+    resumed = train(fresh(tiny_dir), tok, corpus, new / "train", **opts)
+    assert resumed.info["resumed_from"] == "checkpoint-6"
+    a, b = adapter_weights(whole / "train"), adapter_weights(new / "train")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
+    written = archive_run(new, archive, labels=[], complete=False)
+    assert "train/checkpoints/checkpoint-6/ (removed)" in written and not (archive / "train" / "checkpoints").exists()
+    assert (archive / "train" / "adapter" / "adapter_config.json").is_file()
+
+
 def test_timed_checkpoints_between_step_intervals(tiny_dir, tok, corpus, tmp_path):
     """With a step interval longer than the run, ``save_minutes`` still leaves a checkpoint to resume from."""
     opts = dict(FAST, save_steps=100)

@@ -199,14 +199,17 @@ def archive_finished(settings: StudySettings, log=print) -> int:
     return n
 
 
-def _archive(settings: StudySettings, run: StudyRun) -> list[str]:
-    """Archive ``run``, finished or the phases it finished; returns the files written."""
+def _archive(settings: StudySettings, run: StudyRun, *, in_progress: bool = False) -> list[str]:
+    """Archive ``run``, finished or the phases it finished (with ``in_progress``, as when the study
+    is stopped, also its work in progress: see :func:`spd.study_archive.archive_run`); returns the
+    files written."""
     from .study_archive import archive_run
 
     wd = run.workdir(settings.root)
     if not (settings.archive and wd.is_dir()):
         return []
-    return archive_run(wd, archive_dir(settings, run), labels=[run.method], complete=is_complete(wd))
+    return archive_run(wd, archive_dir(settings, run), labels=[run.method], complete=is_complete(wd),
+                       in_progress=in_progress)
 
 
 def restore_archived(settings: StudySettings, log=print) -> int:
@@ -513,7 +516,7 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
                 rc = proc.wait()
             except KeyboardInterrupt:  # the study is stopped: stop its run too, never leave it running alone
                 rc = _stop(proc)
-                _archive(settings, run)
+                _archive(settings, run, in_progress=True)  # so a new machine goes on where this one stopped
                 log(f"{label}: interrupted (exit {rc}); the same command resumes it")
                 statuses.append({"run": f"{run.model}/{run.key}", "status": "interrupted", "rc": rc})
                 break

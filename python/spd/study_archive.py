@@ -7,9 +7,13 @@ adapter (``train/adapter/``, ~4 MB), its corpus and its own evaluations, every p
 from a benchmark's examples) replaced by its sha256 (``prompt_sha256``). Restoring copies them
 back, the corpus's prompts made again from its task's examples and checked line by line, so a
 restored corpus can be trained on and a restored adapter evaluated again (e.g. after a prompt
-change) without training it again. Checkpoints are not kept. Of a run not finished yet, the
-archive keeps the phases it finished (subspace, corpus, finished training, evaluations), which
-`spd run` skips once they are back.
+change) without training it again. Of a run not finished yet, the archive keeps the phases it
+finished (subspace, corpus, finished training, evaluations), which `spd run` skips once they are
+back, and, when asked (the study does when it is stopped), the work in progress: the newest
+checkpoint of a training that is not finished (adapter and optimizer state, ~13 MB for the
+primary model), an unfinished corpus (prompts hashed) and the finished batches of unfinished
+evaluations (their partial files, which hold no prompts), from which `spd run` goes on. Each is
+dropped from the archive once its phase has finished; older checkpoints are never kept.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pathlib import Path
 from ._io import atomic_file, write_if_changed
 from .errors import SpdError
 from .evaluate import prompt_sha256
-from .train import ADAPTER_FILES, finished_training
+from .train import ADAPTER_FILES, finished_training, last_checkpoint
 
 TRAIN_INFO = "train/train.json"
 KEPT = ("manifest.json", "results.json", TRAIN_INFO, "subspace.safetensors", "random.safetensors",
@@ -29,6 +33,9 @@ KEPT_UNFINISHED = ("manifest.json", "subspace.safetensors", "random.safetensors"
 CORPUS, CORPUS_MANIFEST = "corpus.jsonl", "corpus.jsonl.manifest.json"
 # a finished training's adapter; its config last, as it is what tells `spd run` that training is done
 ADAPTER = tuple(f"train/adapter/{name}" for name in ADAPTER_FILES)
+CHECKPOINTS = "train/checkpoints"
+PARTIAL = ".partial.jsonl"  # an unfinished evaluation's finished batches (spd.evaluate.partial_path)
+CHECKPOINT_DONE = "trainer_state.json"  # the file the Trainer writes last: a checkpoint without it is unfinished
 
 
 def is_archived(dest: Path) -> bool:
@@ -36,13 +43,17 @@ def is_archived(dest: Path) -> bool:
     return (Path(dest) / "results.json").is_file()
 
 
-def archive_run(workdir: Path, dest: Path, labels: list[str], *, complete: bool = True) -> list[str]:
+def archive_run(workdir: Path, dest: Path, labels: list[str], *, complete: bool = True,
+                in_progress: bool = False) -> list[str]:
     """Copy a run's files from ``workdir`` into ``dest``: its corpus once finished and the
     evaluations of ``labels``, both without their prompts, its adapter once trained, and
     :data:`KEPT`; of a run not ``complete`` yet only its manifest (the phases' times) and what
     `spd run` skips when it is there (subspace, finished corpus, finished training, finished
-    evaluations), so the run goes on from it. Writes only what changed; returns the paths
-    written, relative to ``dest``."""
+    evaluations), so the run goes on from it; with ``in_progress``, also its work in progress: an
+    unfinished training's newest checkpoint (and its train.json) in place of any older one
+    archived, an unfinished corpus, and the partial files of unfinished evaluations. What a
+    finished phase no longer needs (its checkpoint, an evaluation's partial file) is removed.
+    Writes only what changed; returns the paths written (or removed), relative to ``dest``."""
     from .generate import corpus_finished
 
     workdir, dest = Path(workdir), Path(dest)
@@ -51,12 +62,55 @@ def archive_run(workdir: Path, dest: Path, labels: list[str], *, complete: bool 
     if corpus_finished(workdir / CORPUS):  # the manifest after the corpus: it is what says "finished"
         files[CORPUS] = _without_prompts_jsonl((workdir / CORPUS).read_bytes())
         files[CORPUS_MANIFEST] = (workdir / CORPUS_MANIFEST).read_bytes()
+    elif in_progress and (workdir / CORPUS).is_file() and (workdir / CORPUS_MANIFEST).is_file():
+        files[CORPUS] = _without_prompts_jsonl(_whole_lines((workdir / CORPUS).read_bytes()))
+        files[CORPUS_MANIFEST] = (workdir / CORPUS_MANIFEST).read_bytes()
+    keep_checkpoint = None  # the archived checkpoint folder to keep (others go); None: leave them as they are
     if training_finished(workdir):
         files.update({name: (workdir / name).read_bytes() for name in (TRAIN_INFO, *ADAPTER)})
+        keep_checkpoint = ""
+    elif in_progress and (workdir / TRAIN_INFO).is_file():
+        newest = last_checkpoint(workdir / CHECKPOINTS)
+        if newest is not None:
+            files[TRAIN_INFO] = (workdir / TRAIN_INFO).read_bytes()
+            files.update({p.relative_to(workdir).as_posix(): p.read_bytes()
+                          for p in sorted(newest.rglob("*")) if p.is_file()})
+            keep_checkpoint = newest.name
     for label in labels:  # an evaluation's file is written once it is finished
         for path in sorted((workdir / "eval" / label).glob("*.json")):
             files[path.relative_to(workdir).as_posix()] = _without_prompts_eval(path.read_bytes())
-    return [name for name, data in files.items() if write_if_changed(dest / name, data)]
+        if in_progress:  # the finished batches of one not finished (no prompts in them)
+            for path in sorted((workdir / "eval" / label).glob("*" + PARTIAL)):
+                if not path.with_name(path.name[:-len(PARTIAL)]).is_file():
+                    files[path.relative_to(workdir).as_posix()] = _whole_lines(path.read_bytes())
+    # the checkpoint's last file after the others, so an archive cut short never holds one that looks whole
+    order = sorted(files, key=lambda name: name.endswith("/" + CHECKPOINT_DONE))
+    written = [name for name in order if write_if_changed(dest / name, files[name])]
+    if keep_checkpoint is not None:
+        written += _drop_checkpoints(dest, keep=keep_checkpoint)
+    for path in sorted((dest / "eval").glob("*/*" + PARTIAL)):  # of an evaluation finished since
+        if (workdir / path.relative_to(dest)).with_name(path.name[:-len(PARTIAL)]).is_file():
+            path.unlink()
+            written.append(f"{path.relative_to(dest).as_posix()} (removed)")
+    return written
+
+
+def _whole_lines(data: bytes) -> bytes:
+    """``data`` up to its last newline: a line being written when the run stopped is left out."""
+    return data[:data.rfind(b"\n") + 1]
+
+
+def _drop_checkpoints(dest: Path, keep: str) -> list[str]:
+    """Remove the archived checkpoint folders other than ``keep``; returns the folders removed."""
+    import shutil
+
+    folder = dest / CHECKPOINTS
+    gone = [p for p in sorted(folder.iterdir()) if p.name != keep] if folder.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return [f"{CHECKPOINTS}/{p.name}/ (removed)" for p in gone]
 
 
 def restore_run(dest: Path, workdir: Path) -> list[str]:
@@ -69,7 +123,7 @@ def restore_run(dest: Path, workdir: Path) -> list[str]:
     for name in _restore_order(names):
         path = dest / name
         target = workdir / name
-        if target.exists():
+        if target.exists() and not _in_unfinished_checkpoint(workdir, name):
             continue
         data = path.read_bytes()
         if name == CORPUS:
@@ -87,10 +141,25 @@ def training_finished(workdir: Path) -> bool:
 
 
 def _restore_order(names: list[str]) -> list[str]:
-    """The files of an archived run in the order they are put back: each file that says a phase is
-    finished (the corpus's manifest, the adapter's config) after the files of that phase."""
-    last = (CORPUS_MANIFEST, ADAPTER[-1])
-    return sorted(names, key=lambda name: (name in last, name))
+    """The files of an archived run in the order they are put back: train.json first (a checkpoint
+    without it would make `spd train` refuse the folder), and each file that says a phase is
+    finished (the corpus's manifest, the adapter's config, a checkpoint's trainer state) after the
+    files of that phase."""
+    def rank(name: str) -> int:
+        if name == TRAIN_INFO:
+            return 0
+        return 2 if name in (CORPUS_MANIFEST, ADAPTER[-1]) or name.endswith("/" + CHECKPOINT_DONE) else 1
+
+    return sorted(names, key=lambda name: (rank(name), name))
+
+
+def _in_unfinished_checkpoint(workdir: Path, name: str) -> bool:
+    """Whether ``name`` lies in a checkpoint folder of ``workdir`` that the Trainer (or a restore)
+    did not finish writing: its files may be cut short, so the archived ones replace them."""
+    parts = name.split("/")
+    if len(parts) < 4 or "/".join(parts[:2]) != CHECKPOINTS:
+        return False
+    return not (workdir / CHECKPOINTS / parts[2] / CHECKPOINT_DONE).is_file()
 
 
 def _corpus_prompts(manifest: Path) -> dict[str, str]:
