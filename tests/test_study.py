@@ -212,7 +212,9 @@ def test_a_stopped_training_leaves_its_checkpoint_in_the_archive(tmp_path, monke
 
     monkeypatch.setattr("spd.study.subprocess.Popen", FakeRun)
     monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
-    assert [s["status"] for s in run_study(st, only=["math/psr"], log=lambda *_: None)] == ["interrupted"]
+    lines = []
+    assert [s["status"] for s in run_study(st, only=["math/psr"], log=lines.append)] == ["interrupted"]
+    assert "its work in progress is in" in lines[-1] and "checkpoint-3/trainer_state.json" in lines[-1]
     kept = st.archive / "m" / "math" / "psr" / "train"
     assert (kept / "train.json").is_file() and (kept / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
 

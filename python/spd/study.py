@@ -516,8 +516,10 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
                 rc = proc.wait()
             except KeyboardInterrupt:  # the study is stopped: stop its run too, never leave it running alone
                 rc = _stop(proc)
-                _archive(settings, run, in_progress=True)  # so a new machine goes on where this one stopped
-                log(f"{label}: interrupted (exit {rc}); the same command resumes it")
+                kept = _archive(settings, run, in_progress=True)  # so a new machine goes on where this one stopped
+                log(f"{label}: interrupted (exit {rc}); the same command resumes it"
+                    + (f"; its work in progress is in {archive_dir(settings, run)} (commit it to resume it on "
+                       f"another machine): {', '.join(kept)}" if kept else ""))
                 statuses.append({"run": f"{run.model}/{run.key}", "status": "interrupted", "rc": rc})
                 break
         minutes = (time.perf_counter() - started) / 60
