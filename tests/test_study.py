@@ -158,14 +158,9 @@ def test_run_study_skips_complete_runs_and_stops_when_interrupted(tmp_path, monk
         run_study(st, only=["nothing-like-this"], dry_run=True, log=lambda *_: None)
 
 
-def test_stopping_the_study_stops_its_run(tmp_path, monkeypatch):
-    """Ctrl-C or SIGTERM to the study (bench/study.py turns SIGTERM into KeyboardInterrupt) is passed
-    on to the running `spd run` as Ctrl-C, so it cannot go on alone beside a restarted study."""
-    import signal
-
-    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False, controls=False)
-    signals = []
-
+def _stopped_runs(monkeypatch, on_signal):
+    """Make the study's `spd run` a fake process whose first wait is interrupted (Ctrl-C to the
+    study); ``on_signal(sig)`` gets the signal the study passes on, after which it exits 130."""
     class FakeRun:
         def __init__(self, argv, **kw):
             self.waits = 0
@@ -177,10 +172,20 @@ def test_stopping_the_study_stops_its_run(tmp_path, monkeypatch):
             return 130
 
         def send_signal(self, sig):
-            signals.append(sig)
+            on_signal(sig)
 
     monkeypatch.setattr("spd.study.subprocess.Popen", FakeRun)
     monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
+
+
+def test_stopping_the_study_stops_its_run(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM to the study (bench/study.py turns SIGTERM into KeyboardInterrupt) is passed
+    on to the running `spd run` as Ctrl-C, so it cannot go on alone beside a restarted study."""
+    import signal
+
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False, controls=False)
+    signals = []
+    _stopped_runs(monkeypatch, on_signal=signals.append)
     lines = []
     statuses = run_study(st, log=lines.append)
     assert signals == [signal.SIGINT]
@@ -195,24 +200,13 @@ def test_a_stopped_training_leaves_its_checkpoint_in_the_archive(tmp_path, monke
                        controls=False, archive=tmp_path / "archive")
     wd = st.runs()[2].workdir(st.root)  # math/psr
 
-    class FakeRun:
-        def __init__(self, argv, **kw):
-            self.waits = 0
+    def checkpoint_and_exit(sig):  # what `spd train` does on Ctrl-C: checkpoint the step, then exit
+        c = wd / "train" / "checkpoints" / "checkpoint-3"
+        c.mkdir(parents=True)
+        (wd / "train" / "train.json").write_text('{"finished": false, "config": {}}')
+        (c / "trainer_state.json").write_text('{"global_step": 3}')
 
-        def wait(self, timeout=None):
-            self.waits += 1
-            if self.waits == 1:
-                raise KeyboardInterrupt
-            return 130
-
-        def send_signal(self, sig):  # what `spd train` does on Ctrl-C: checkpoint the step, then exit
-            c = wd / "train" / "checkpoints" / "checkpoint-3"
-            c.mkdir(parents=True)
-            (wd / "train" / "train.json").write_text('{"finished": false, "config": {}}')
-            (c / "trainer_state.json").write_text('{"global_step": 3}')
-
-    monkeypatch.setattr("spd.study.subprocess.Popen", FakeRun)
-    monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
+    _stopped_runs(monkeypatch, on_signal=checkpoint_and_exit)
     lines = []
     assert [s["status"] for s in run_study(st, only=["math/psr"], log=lines.append)] == ["interrupted"]
     assert "its work in progress is in" in lines[-1] and "checkpoint-3/trainer_state.json" in lines[-1]

@@ -504,10 +504,13 @@ def save_results(result: dict, path) -> Path:
     return path
 
 
+PARTIAL_SUFFIX = ".partial.jsonl"
+
+
 def partial_path(out) -> Path:
     """Where the evaluation written to ``out`` keeps its finished batches until it is saved."""
     out = Path(out)
-    return out.with_name(out.name + ".partial.jsonl")
+    return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
 def adapter_hash(folder) -> str | None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ._io import atomic_file, write_if_changed
 from .errors import SpdError
-from .evaluate import prompt_sha256
-from .train import ADAPTER_FILES, finished_training, last_checkpoint
+from .evaluate import PARTIAL_SUFFIX, prompt_sha256
+from .train import ADAPTER_FILES, CHECKPOINT_DONE, checkpoint_complete, finished_training, last_checkpoint
 
 TRAIN_INFO = "train/train.json"
 KEPT = ("manifest.json", "results.json", TRAIN_INFO, "subspace.safetensors", "random.safetensors",
@@ -34,8 +34,6 @@ CORPUS, CORPUS_MANIFEST = "corpus.jsonl", "corpus.jsonl.manifest.json"
 # a finished training's adapter; its config last, as it is what tells `spd run` that training is done
 ADAPTER = tuple(f"train/adapter/{name}" for name in ADAPTER_FILES)
 CHECKPOINTS = "train/checkpoints"
-PARTIAL = ".partial.jsonl"  # an unfinished evaluation's finished batches (spd.evaluate.partial_path)
-CHECKPOINT_DONE = "trainer_state.json"  # the file the Trainer writes last: a checkpoint without it is unfinished
 
 
 def is_archived(dest: Path) -> bool:
@@ -80,19 +78,24 @@ def archive_run(workdir: Path, dest: Path, labels: list[str], *, complete: bool 
         for path in sorted((workdir / "eval" / label).glob("*.json")):
             files[path.relative_to(workdir).as_posix()] = _without_prompts_eval(path.read_bytes())
         if in_progress:  # the finished batches of one not finished (no prompts in them)
-            for path in sorted((workdir / "eval" / label).glob("*" + PARTIAL)):
-                if not path.with_name(path.name[:-len(PARTIAL)]).is_file():
+            for path in sorted((workdir / "eval" / label).glob("*" + PARTIAL_SUFFIX)):
+                if not _evaluation_of(path).is_file():
                     files[path.relative_to(workdir).as_posix()] = _whole_lines(path.read_bytes())
     # the checkpoint's last file after the others, so an archive cut short never holds one that looks whole
     order = sorted(files, key=lambda name: name.endswith("/" + CHECKPOINT_DONE))
     written = [name for name in order if write_if_changed(dest / name, files[name])]
     if keep_checkpoint is not None:
         written += _drop_checkpoints(dest, keep=keep_checkpoint)
-    for path in sorted((dest / "eval").glob("*/*" + PARTIAL)):  # of an evaluation finished since
-        if (workdir / path.relative_to(dest)).with_name(path.name[:-len(PARTIAL)]).is_file():
+    for path in sorted((dest / "eval").glob("*/*" + PARTIAL_SUFFIX)):  # of an evaluation finished since
+        if _evaluation_of(workdir / path.relative_to(dest)).is_file():
             path.unlink()
             written.append(f"{path.relative_to(dest).as_posix()} (removed)")
     return written
+
+
+def _evaluation_of(partial: Path) -> Path:
+    """The evaluation file whose finished batches ``partial`` keeps (the inverse of ``partial_path``)."""
+    return partial.with_name(partial.name[:-len(PARTIAL_SUFFIX)])
 
 
 def _whole_lines(data: bytes) -> bytes:
@@ -114,7 +117,8 @@ def _drop_checkpoints(dest: Path, keep: str) -> list[str]:
 
 
 def restore_run(dest: Path, workdir: Path) -> list[str]:
-    """Copy an archived run back into ``workdir``, never over a file that is there. The corpus gets
+    """Copy an archived run back into ``workdir``, never over a file that is there except in a
+    checkpoint folder the Trainer had not finished (its files may be cut short). The corpus gets
     its prompts back from its manifest's task, seed and size (SpdError if they differ from the
     archived ones, e.g. the benchmark data changed). Returns the paths written."""
     dest, workdir = Path(dest), Path(workdir)
@@ -159,7 +163,7 @@ def _in_unfinished_checkpoint(workdir: Path, name: str) -> bool:
     parts = name.split("/")
     if len(parts) < 4 or "/".join(parts[:2]) != CHECKPOINTS:
         return False
-    return not (workdir / CHECKPOINTS / parts[2] / CHECKPOINT_DONE).is_file()
+    return not checkpoint_complete(workdir / CHECKPOINTS / parts[2])
 
 
 def _corpus_prompts(manifest: Path) -> dict[str, str]:

@@ -439,14 +439,21 @@ def _write_info(out: Path, info: dict) -> None:
         json.dump(info, fh, indent=1)
 
 
+CHECKPOINT_DONE = "trainer_state.json"  # the file the Trainer writes last into a checkpoint
+
+
+def checkpoint_complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished writing the checkpoint folder ``checkpoint`` (:data:`CHECKPOINT_DONE`)."""
+    return (Path(checkpoint) / CHECKPOINT_DONE).is_file()
+
+
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete Trainer checkpoint in ``folder`` (its trainer_state.json is written last)."""
+    """The newest complete Trainer checkpoint in ``folder`` (:func:`checkpoint_complete`)."""
     if not folder.is_dir():
         return None
     found = []
     for p in folder.iterdir():
-        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit() \
-                and (p / "trainer_state.json").is_file():
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit() and checkpoint_complete(p):
             found.append((int(p.name[11:]), p))
     return max(found)[1] if found else None
 
