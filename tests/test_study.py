@@ -214,6 +214,44 @@ def test_a_stopped_training_leaves_its_checkpoint_in_the_archive(tmp_path, monke
     assert (kept / "train.json").is_file() and (kept / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
 
 
+def test_a_running_runs_finished_phases_are_archived_before_it_ends(tmp_path, monkeypatch):
+    """While a run runs, the study archives the phases it has finished every ``archive_every_s``, so
+    a machine lost before the study is stopped keeps a finished training (not only at the run's end)."""
+    import subprocess
+
+    st = StudySettings(root=tmp_path / "runs", models=("m",), domains=("math",), ood=False, ablation=False,
+                       controls=False, archive=tmp_path / "archive", archive_every_s=0.01)
+    wd = st.runs()[2].workdir(st.root)  # math/psr
+    kept = st.archive / "m" / "math" / "psr" / "train"
+    seen = []
+
+    class TrainingThenEvaluating:
+        def __init__(self, argv, **kw):
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            seen.append((timeout, (kept / "adapter" / "adapter_config.json").is_file()))
+            if self.waits == 1:  # still training
+                raise subprocess.TimeoutExpired("spd", timeout)
+            if self.waits == 2:  # training finished, evaluating
+                (wd / "train" / "adapter").mkdir(parents=True)
+                (wd / "train" / "adapter" / "adapter_model.safetensors").write_bytes(b"lora" * 100)
+                (wd / "train" / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+                (wd / "train" / "train.json").write_text('{"finished": true}')
+                raise subprocess.TimeoutExpired("spd", timeout)
+            return 0
+
+    monkeypatch.setattr("spd.study.subprocess.Popen", TrainingThenEvaluating)
+    monkeypatch.setattr("spd.study.shutil.which", lambda name: None)
+    lines = []
+    assert [s["status"] for s in run_study(st, only=["math/psr"], log=lines.append)] == ["complete"]
+    assert seen == [(0.01, False), (0.01, False), (0.01, True)]  # archived after the 2nd wait, while it ran
+    assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == b"lora" * 100
+    archived = [line for line in lines if "archived its finished phases so far" in line]
+    assert len(archived) == 1 and "train/adapter/adapter_config.json" in archived[0]  # once: nothing changed after
+
+
 def test_runs_with_evaluations_made_on_old_prompts_are_run_again(tmp_path, monkeypatch):
     """A finished run whose saved evaluation has other prompts than its task gives now is not complete
     for the study (`spd run` makes that evaluation again); a base evaluation made again is copied

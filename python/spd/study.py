@@ -100,6 +100,7 @@ class StudySettings:
     controls: bool = True  # SPD on math with a random subspace of the calibrated one's shape (per model, last)
     extra: list[str] = field(default_factory=list)  # more `spd run` options, e.g. ["--dtype", "float32"]
     archive: Path | None = None  # where runs are kept without base weights (spd.study_archive), e.g. in git
+    archive_every_s: float = 300.0  # how often a running run's finished phases are archived
 
     def runs(self) -> list[StudyRun]:
         """Every run, in the order they are done (per model: each domain's four methods, the
@@ -528,7 +529,7 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             proc = subprocess.Popen([exe, *argv], stdout=fh, stderr=subprocess.STDOUT,
                                     env={**os.environ, "TQDM_MININTERVAL": "30"})
             try:
-                rc = proc.wait()
+                rc = _wait(proc, settings.archive_every_s, on_tick=lambda: _archive_while_running(settings, run, label, log))
             except KeyboardInterrupt:  # the study is stopped: stop its run too, never leave it running alone
                 rc = _stop(proc)
                 kept = _archive(settings, run, in_progress=True)  # so a new machine goes on where this one stopped
@@ -559,6 +560,23 @@ def run_study(settings: StudySettings, *, only: list[str] | None = None, dry_run
             "on the phases both finished)"
             + (f"; not estimated: the runs of {', '.join(blind)} (no finished phase to price them from yet)" if blind else ""))
     return statuses
+
+
+def _wait(proc, every_s: float, on_tick) -> int:
+    """Wait for ``proc`` to exit, calling ``on_tick()`` every ``every_s`` seconds until it has."""
+    while True:
+        try:
+            return proc.wait(timeout=every_s)
+        except subprocess.TimeoutExpired:
+            on_tick()
+
+
+def _archive_while_running(settings: StudySettings, run: StudyRun, label: str, log) -> None:
+    """Archive the phases ``run`` has finished so far, while it runs: a machine lost before the
+    study is stopped (and so before it archives its work in progress) loses only the phase under way."""
+    written = _archive(settings, run)
+    if written:
+        log(f"{label}: archived its finished phases so far: {', '.join(written)}")
 
 
 def _stop(proc, grace_s: float = 120.0) -> int:
