@@ -249,7 +249,7 @@ def test_a_running_runs_finished_phases_are_archived_before_it_ends(tmp_path, mo
     assert seen == [(0.01, False), (0.01, False), (0.01, True)]  # archived after the 2nd wait, while it ran
     assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == b"lora" * 100
     archived = [line for line in lines if "archived its finished phases so far" in line]
-    assert len(archived) == 1 and "train/adapter/adapter_config.json" in archived[0]  # once: nothing changed after
+    assert len(archived) == 1 and "train/adapter/adapter_config.json" in archived[0]  # the first tick had nothing to archive
 
 
 def test_runs_with_evaluations_made_on_old_prompts_are_run_again(tmp_path, monkeypatch):
