@@ -15,6 +15,8 @@ from spd.study import (
     corpus_quality,
     estimate_left,
     identical_completions,
+    is_looping,
+    looping_completions,
     missing_models,
     phase_times,
     phases_left,
@@ -595,6 +597,46 @@ def test_identical_completions_counts_same_prompt_same_text(tmp_path):
     assert identical_completions(spd, tmp_path / "missing.jsonl") is None
 
 
+def test_is_looping_flags_text_that_repeats_its_word_windows():
+    story = " ".join(f"w{i}" for i in range(40))  # 33 windows, all distinct
+    assert not is_looping(story)
+    loop = "Then she pays 3 dollars for the apples. " * 6  # 8 words repeated: 8 distinct of 41
+    assert is_looping(loop)
+    half = story + " " + " ".join(["x"] * 80)  # 40 + 1 distinct of 113 windows: under half
+    assert is_looping(half) and not is_looping(half, min_distinct=0.3)
+    assert not is_looping("yes " * 15)  # under 2 * 8 words: too short to say
+
+
+def test_looping_completions_counts_per_prompt(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = {"a": "one two three " * 10, "b": "a short answer", "c": " ".join(map(str, range(30)))}
+    path.write_text("".join(json.dumps({"id": i, "prompt": "p", "completion": c}) + "\n" for i, c in rows.items()))
+    assert looping_completions(path) is None  # no manifest: unfinished
+    path.with_name(path.name + ".manifest.json").write_text(json.dumps({"finished": True}))
+    assert looping_completions(path) == {"n": 3, "looping": 1, "per_example": {"a": 1.0, "b": 0.0, "c": 0.0}}
+
+
+def test_looping_compared_between_corpora_prompt_by_prompt(tmp_path, monkeypatch):
+    import spd.study
+
+    st = StudySettings(root=tmp_path, models=("m",), domains=("math",), ood=False, ablation=False, controls=False)
+    loops = {"spd": [0, 0, 0, 0, 1, 0], "psr": [1, 1, 1, 0, 0, 0], "ssd": [0] * 6}
+    for method, flags in loops.items():
+        path = tmp_path / "m" / "math" / method / "corpus.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "p", "completion":
+                                            "again and again " * 12 if f else f"answer {i}"}) + "\n"
+                                for i, f in enumerate(flags)))
+        path.with_name(path.name + ".manifest.json").write_text(json.dumps({"finished": True}))
+    monkeypatch.setattr(spd.study, "corpus_quality", lambda settings, run: None)
+    m = collect(st)["models"]["m"]
+    assert m["runs"]["math/psr"]["looping"]["looping"] == 3
+    vs_psr = m["paired_looping"]["math/spd vs math/psr"]
+    assert vs_psr["diff"] == pytest.approx(-2 / 6) and (vs_psr["wins"], vs_psr["losses"]) == (1, 3)
+    assert m["paired_looping"]["math/spd vs math/ssd"]["diff"] == pytest.approx(1 / 6)
+    assert "| math/spd vs math/psr corpus | gsm8k | -33.3 |" in render(collect(st))
+
+
 def test_spd_corpus_compared_with_each_baseline_corpus_prompt_by_prompt(tmp_path, monkeypatch):
     import spd.study
 
@@ -618,8 +660,8 @@ def test_spd_corpus_compared_with_each_baseline_corpus_prompt_by_prompt(tmp_path
     assert got["math/spd vs math/ssd"]["wins"] == 6
     text = render(collect(st))
     assert "| math/spd vs math/psr corpus | gsm8k | 37.5 |" in text
-    assert "| math/spd | gsm8k | 8 | 75.0 [0.0, 100.0] | 9 | 0 | 0 | - | 2.7 |" in text
-    assert "| math/ssd | gsm8k | 8 | 0.0 [0.0, 100.0] | 9 | 0 | 0 | - | - |" in text
+    assert "| math/spd | gsm8k | 8 | 75.0 [0.0, 100.0] | 9 | 0 | 0 | - | - | 2.7 |" in text
+    assert "| math/ssd | gsm8k | 8 | 0.0 [0.0, 100.0] | 9 | 0 | 0 | - | - | - |" in text
 
 
 def test_a_model_not_installed_stops_the_study_before_its_first_run(tmp_path, monkeypatch):

@@ -682,6 +682,29 @@ def identical_completions(corpus: Path, other: Path) -> dict | None:
     return {"n": len(shared), "identical": sum(mine[i] == theirs[i] for i in shared)}
 
 
+def is_looping(text: str, *, n: int = 8, min_distinct: float = 0.5) -> bool:
+    """Whether ``text`` repeats itself: fewer than ``min_distinct`` of its ``n``-word windows are
+    distinct (a text shorter than ``2 * n`` words never counts)."""
+    words = text.split()
+    if len(words) < 2 * n:
+        return False
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < min_distinct * len(grams)
+
+
+def looping_completions(corpus: Path) -> dict | None:
+    """``{"n", "looping", "per_example"}``: which of a finished corpus's completions loop
+    (:func:`is_looping`; None while the corpus is unfinished). Greedy decoding of a weak model
+    loops; how often a generation method makes it loop is a property of the data it trains on."""
+    from .generate import corpus_finished
+
+    if not corpus_finished(corpus):
+        return None
+    rows = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
+    flags = {r["id"]: float(is_looping(r["completion"])) for r in rows}
+    return {"n": len(flags), "looping": int(sum(flags.values())), "per_example": flags}
+
+
 def collect(settings: StudySettings) -> dict:
     """Everything finished so far: ``{"models": {model: {...}}}`` with, per run, its scores (bootstrap
     intervals) per evaluated task, paired tests of SPD against each baseline, corpus quality and
@@ -731,12 +754,13 @@ def collect(settings: StudySettings) -> dict:
                     entry["corpus"] = corpus_quality(settings, run)
                 except SpdError as exc:
                     entry["corpus"] = {"error": str(exc)}
+                entry["looping"] = looping_completions(wd / "corpus.jsonl")
                 if run.key != f"{run.domain}/psr":  # the same prompts decoded without hooks
                     psr = settings.root / model / f"{run.domain}/psr" / "corpus.jsonl"
                     entry["same_as_psr"] = identical_completions(wd / "corpus.jsonl", psr)
             m["runs"][run.key] = entry
         # paired tests: SPD (and the OOD / ablation SPD runs) against each baseline of the same domain
-        m["paired_corpus"] = {}
+        m["paired_corpus"], m["paired_looping"] = {}, {}
         for run in runs:
             if run.method != "spd":
                 continue
@@ -749,6 +773,12 @@ def collect(settings: StudySettings) -> dict:
                     m["paired_corpus"][f"{run.key} vs {run.domain}/{other}"] = {
                         "run": run.key, "against": f"{run.domain}/{other}", "task": task,
                         **_paired_by_id(mine, theirs, settings.seed)}
+                loops = [(m["runs"].get(k, {}).get("looping") or {}).get("per_example")
+                         for k in (run.key, f"{run.domain}/{other}")]
+                if all(loops):  # the same prompts: which completions loop
+                    m["paired_looping"][f"{run.key} vs {run.domain}/{other}"] = {
+                        "run": run.key, "against": f"{run.domain}/{other}", "task": run.task,
+                        **_paired_by_id(loops[0], loops[1], settings.seed)}
             for task in DOMAINS[run.domain]:
                 mine = vectors.get((run.key, task))
                 if not mine:
@@ -811,6 +841,17 @@ def _cell(scores: dict, task: str) -> str:
     if not s:
         return "…"
     return f"{_pct(task, s['mean'])} [{_pct(task, s['lo'])}, {_pct(task, s['hi'])}]"
+
+
+def _corpus_pair_table(intro: str, pairs: dict | None) -> list[str]:
+    """Markdown lines: paired tests of one corpus against another (shares, in points)."""
+    if not pairs:
+        return []
+    lines = [intro, "", "| comparison | task | difference | 95% interval | p | wins / losses |", "|---|---|---|---|---|---|"]
+    for p in pairs.values():
+        lines.append(f"| {p['run']} vs {p['against']} corpus | {p['task']} | {100 * p['diff']:.1f} | "
+                     f"[{100 * p['lo']:.1f}, {100 * p['hi']:.1f}] | {p['p']:.3g} | {p['wins']} / {p['losses']} |")
+    return lines + [""]
 
 
 def render(collected: dict, *, plot: str | None = None) -> str:
@@ -894,26 +935,27 @@ def render(collected: dict, *, plot: str | None = None) -> str:
         if quality:
             lines += [("Self-generated training data before training (paper Table 3): accuracy of the completions "
                        "against the training prompts' gold answers, mean length, completions that hit the cap, "
-                       "how many are identical to PSR's (plain greedy) completion of the same prompt, and the "
+                       "how many are identical to PSR's (plain greedy) completion of the same prompt, how many "
+                       "loop (fewer than half of their 8-word windows distinct), and the "
                        "share of the training loss's target tokens that are completion tokens (the rest is the "
                        "templated prompt, the same for every method):"), "",
-                      "| run | task | n | accuracy % [95%] | mean tokens | hit cap | empty | same as PSR | loss on completion % |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| run | task | n | accuracy % [95%] | mean tokens | hit cap | empty | same as PSR | looping "
+                      "| loss on completion % |", "|---|---|---|---|---|---|---|---|---|---|"]
             for key, q in quality:
-                a, same = q["accuracy"], runs[key].get("same_as_psr")
+                a, same, loops = q["accuracy"], runs[key].get("same_as_psr"), runs[key].get("looping")
                 lines.append(f"| {key} | {q['task']} | {q['n']} | {100 * a['mean']:.1f} [{100 * a['lo']:.1f}, "
                              f"{100 * a['hi']:.1f}] | {q['mean_tokens']:.0f} | {q['hit_cap']} | {q['empty']} | "
                              + (f"{same['identical']} / {same['n']} |" if same else "- |")
+                             + (f" {loops['looping']} |" if loops else " - |")
                              + (f" {100 * share:.1f} |" if (share := q.get("loss_on_completion")) is not None else " - |"))
             lines.append("")
-        if m.get("paired_corpus"):
-            lines += [("The same, SPD's corpus against each baseline's on the same training prompts (difference "
-                       "in accuracy points, 95% paired bootstrap interval, exact McNemar p):"), "",
-                      "| comparison | task | difference | 95% interval | p | wins / losses |", "|---|---|---|---|---|---|"]
-            for p in m["paired_corpus"].values():
-                lines.append(f"| {p['run']} vs {p['against']} corpus | {p['task']} | {100 * p['diff']:.1f} | "
-                             f"[{100 * p['lo']:.1f}, {100 * p['hi']:.1f}] | {p['p']:.3g} | {p['wins']} / {p['losses']} |")
-            lines.append("")
+        lines += _corpus_pair_table(
+            "The same, SPD's corpus against each baseline's on the same training prompts (difference in "
+            "accuracy points, 95% paired bootstrap interval, exact McNemar p):", m.get("paired_corpus"))
+        lines += _corpus_pair_table(
+            "Looping completions, SPD's corpus against each baseline's on the same training prompts (difference "
+            "in the share that loops, points; 95% paired bootstrap interval; exact McNemar p; wins / losses = "
+            "prompts where only the first / only the second loops):", m.get("paired_looping"))
         timed = [(k, r["seconds"]) for k, r in runs.items() if r.get("seconds")]
         if timed:
             where = {key: "; ".join(runs[key].get("machines") or ["not recorded"]) for key, _ in timed}
