@@ -669,15 +669,11 @@ def identical_completions(corpus: Path, other: Path) -> dict | None:
     """``{"n", "identical"}``: how many of ``corpus``'s completions equal ``other``'s for the same
     prompt id (both finished; None otherwise). Shows how much a generation method changed the data."""
     from .generate import corpus_finished
+    from .train import read_corpus
 
     if not (corpus_finished(corpus) and corpus_finished(other)):
         return None
-
-    def read(path):
-        rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-        return {r["id"]: r["completion"] for r in rows}
-
-    mine, theirs = read(corpus), read(other)
+    mine, theirs = ({r.id: r.completion for r in read_corpus(path)} for path in (corpus, other))
     shared = [i for i in mine if i in theirs]
     return {"n": len(shared), "identical": sum(mine[i] == theirs[i] for i in shared)}
 
@@ -697,11 +693,11 @@ def looping_completions(corpus: Path) -> dict | None:
     (:func:`is_looping`; None while the corpus is unfinished). Greedy decoding of a weak model
     loops; how often a generation method makes it loop is a property of the data it trains on."""
     from .generate import corpus_finished
+    from .train import read_corpus
 
     if not corpus_finished(corpus):
         return None
-    rows = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
-    flags = {r["id"]: float(is_looping(r["completion"])) for r in rows}
+    flags = {r.id: float(is_looping(r.completion)) for r in read_corpus(corpus)}
     return {"n": len(flags), "looping": int(sum(flags.values())), "per_example": flags}
 
 
